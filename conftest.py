@@ -1,0 +1,20 @@
+"""Test-wide environment: offline, quiet, deterministic.
+
+Set here (not by the user) so that a bare `pytest` never reaches a model hub and the
+notebooks executed by nbval print exactly what was committed. Kernels started by nbval
+inherit these variables because they are set before any kernel starts.
+"""
+import os
+
+for name, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore:IProgress not found",
+    "SAIL_SMOKE": os.environ.get("SAIL_SMOKE", "1"),
+    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+}.items():
+    os.environ.setdefault(name, value)
