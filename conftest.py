@@ -15,6 +15,5 @@ for name, value in {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore:IProgress not found",
     "SAIL_SMOKE": os.environ.get("SAIL_SMOKE", "1"),
-    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
 }.items():
     os.environ.setdefault(name, value)
