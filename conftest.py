@@ -6,6 +6,10 @@ inherit these variables because they are set before any kernel starts.
 """
 import os
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# notebooks run in kernels whose working directory is notebooks/: make `import sail_min` work
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
 for name, value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",

@@ -1,0 +1,275 @@
+r"""An exactly solvable toy: a contextual bandit with a tabular softmax policy.
+
+M prompts x, K responses y per prompt, policy pi_theta(y|x) = softmax(theta[x])_y, a fixed
+reference pi_ref = softmax(ref_logits[x]) and a known true reward r*(x, y). Here a
+"sequence log-prob" is just l_theta(y|x) = log pi_theta(y|x), and everything the LM setting
+can only estimate can be computed exactly by enumerating all K x K pairs and both labels:
+
+  * the optimum of KL-regularised reward maximisation, in closed form
+        pi*(y|x) = softmax(log pi_ref(y|x) + r*(x,y) / beta)
+  * the single-level SAIL objective of every kind of pair (see ``objective.ROUTES``)
+        J(theta) = mean_x sum_{i,j} q(i,j|x) [ P(i>j) log sig(z_ij) + P(j>i) log sig(z_ji) ]
+    with q = pi_theta x pi_theta (policy pairs) or a fixed pair distribution (dataset
+    pairs), P = the oracle sig(r*_i - r*_j), the dataset's labels, or the policy's own
+    Bradley-Terry model sig(z_ij), and z_ij = beta * (h_i - h_j), h = log pi_theta - log pi_ref;
+  * the exact expectation of the surrogate gradient of ``objective.sail_loss``.
+
+``train`` runs the finite-sample algorithms (batches of sampled pairs, Adam) for several
+seeds at once; ``sail_min.check`` compares the exact quantities.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .objective import LABELS_FROM, RESPONSES_FROM, ROUTES, Recipe, sail_loss
+
+
+@dataclass
+class Bandit:
+    """The problem: true reward, reference logits and beta (tensors of shape [M, K])."""
+
+    true_reward: torch.Tensor
+    ref_logits: torch.Tensor
+    beta: float
+
+    @property
+    def n_prompts(self) -> int:
+        return self.true_reward.shape[0]
+
+    @property
+    def n_responses(self) -> int:
+        return self.true_reward.shape[1]
+
+    @property
+    def log_ref(self) -> torch.Tensor:
+        """log pi_ref(y|x), shape [M, K]."""
+        return torch.log_softmax(self.ref_logits, dim=-1)
+
+    @property
+    def optimal_logits(self) -> torch.Tensor:
+        """log pi*(y|x) up to a constant: log pi_ref + r* / beta (closed form of the lower level)."""
+        return self.log_ref + self.true_reward / self.beta
+
+    @property
+    def oracle_prefs(self) -> torch.Tensor:
+        """P*(i > j | x) = sig(r*(x,i) - r*(x,j)), Bradley-Terry with the true reward, [M, K, K]."""
+        r = self.true_reward
+        return torch.sigmoid(r[:, :, None] - r[:, None, :])
+
+
+def make_bandit(n_prompts=8, n_responses=6, beta=0.5, ref_scale=1.0, seed=0, dtype=torch.float64) -> Bandit:
+    """A random problem: r* ~ N(0, 1), reference logits ~ ref_scale * N(0, 1) (peaked if large)."""
+    if n_prompts < 1 or n_responses < 2:
+        raise ValueError(f"need n_prompts >= 1 and n_responses >= 2, got {n_prompts}, {n_responses}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    g = torch.Generator().manual_seed(seed)
+    true_reward = torch.randn(n_prompts, n_responses, generator=g, dtype=dtype)
+    ref_logits = ref_scale * torch.randn(n_prompts, n_responses, generator=g, dtype=dtype)
+    return Bandit(true_reward, ref_logits, beta)
+
+
+# --------------------------------------------------------------------------------------
+# policy quantities
+# --------------------------------------------------------------------------------------
+def kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """mean_x KL(p(.|x) || q(.|x)) for logits of shape [..., M, K] (returns shape [...])."""
+    log_p, log_q = torch.log_softmax(logits_p, -1), torch.log_softmax(logits_q, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
+
+
+def expected_reward(theta: torch.Tensor, bandit: Bandit) -> torch.Tensor:
+    """mean_x E_{y ~ pi_theta}[r*(x, y)] for theta of shape [..., M, K]."""
+    return (torch.softmax(theta, -1) * bandit.true_reward).sum(-1).mean(-1)
+
+
+def pair_logits(theta: torch.Tensor, bandit: Bandit) -> torch.Tensor:
+    """z_ij = beta * (h_i - h_j), h = log pi_theta - log pi_ref, shape [M, K, K]."""
+    h = torch.log_softmax(theta, -1) - bandit.log_ref
+    return bandit.beta * (h[:, :, None] - h[:, None, :])
+
+
+def reference_pair_probs(bandit: Bandit) -> torch.Tensor:
+    """A dataset whose pairs are two independent reference samples: q(i,j|x) = pi_ref(i) pi_ref(j)."""
+    p = bandit.log_ref.exp()
+    return p[:, :, None] * p[:, None, :]
+
+
+# --------------------------------------------------------------------------------------
+# exact single-level objective of each route, by enumeration
+# --------------------------------------------------------------------------------------
+def _pair_and_label_probs(theta, bandit, route, dataset_pair_probs, dataset_label_probs):
+    """q(i,j|x) and P(i > j|x), [M, K, K] each, as functions of theta where they depend on it."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if RESPONSES_FROM[route] == "policy":
+        p = torch.softmax(theta, -1)
+        q = p[:, :, None] * p[:, None, :]
+    else:
+        q = reference_pair_probs(bandit) if dataset_pair_probs is None else dataset_pair_probs
+    labels = LABELS_FROM[route]
+    if labels == "policy":
+        prefs = torch.sigmoid(pair_logits(theta, bandit))
+    elif labels == "oracle" or dataset_label_probs is None:
+        prefs = bandit.oracle_prefs
+    else:
+        prefs = dataset_label_probs
+    return q, prefs
+
+
+def exact_objective(theta, bandit, route, dataset_pair_probs=None, dataset_label_probs=None) -> torch.Tensor:
+    r"""J(theta) = mean_x sum_ij q(i,j|x) [P(i>j) log sig(z_ij) + (1 - P(i>j)) log sig(-z_ij)].
+
+    Differentiable in theta through z, through q (policy responses) and through P (policy
+    labels): autograd on this is the *true* gradient of the single-level objective.
+    Dataset pairs default to two reference samples labelled by the oracle.
+    """
+    q, prefs = _pair_and_label_probs(theta, bandit, route, dataset_pair_probs, dataset_label_probs)
+    z = pair_logits(theta, bandit)
+    per_pair = prefs * F.logsigmoid(z) + (1 - prefs) * F.logsigmoid(-z)
+    return (q * per_pair).sum((-1, -2)).mean()
+
+
+def exact_surrogate_loss(theta, bandit, route, response_coef=1.0, label_coef=1.0, baseline="none",
+                         dataset_pair_probs=None, dataset_label_probs=None) -> torch.Tensor:
+    r"""E[sail_loss] over every (x, y1, y2, label), weighted by its probability (held fixed).
+
+    Its gradient is the exact expectation of the surrogate gradient that ``train`` estimates
+    from samples. ``baseline`` may be "none" or a tensor [M] (one value per prompt).
+    Extra terms that do not apply to the route get coefficient 0.
+    """
+    M, K = bandit.n_prompts, bandit.n_responses
+    with torch.no_grad():
+        q, prefs = _pair_and_label_probs(theta, bandit, route, dataset_pair_probs, dataset_label_probs)
+    x, i, j = torch.meshgrid(torch.arange(M), torch.arange(K), torch.arange(K), indexing="ij")
+    # label "i wins" with probability P(i>j), label "j wins" with 1 - P(i>j)
+    prompt = torch.cat([x.flatten(), x.flatten()])
+    chosen = torch.cat([i.flatten(), j.flatten()])
+    rejected = torch.cat([j.flatten(), i.flatten()])
+    weight = torch.cat([(q * prefs).flatten(), (q * (1 - prefs)).flatten()]) / M
+
+    log_pi = torch.log_softmax(theta, -1)
+    if RESPONSES_FROM[route] == "dataset":
+        response_coef = 0.0
+    if LABELS_FROM[route] != "policy":
+        label_coef = 0.0
+    if isinstance(baseline, torch.Tensor):
+        baseline = baseline[prompt]
+    return sail_loss(
+        log_pi[prompt, chosen], log_pi[prompt, rejected],
+        bandit.log_ref[prompt, chosen], bandit.log_ref[prompt, rejected],
+        bandit.beta, response_coef=response_coef, label_coef=label_coef,
+        baseline=baseline, weights=weight,
+    ).loss
+
+
+# --------------------------------------------------------------------------------------
+# finite-sample training, several seeds at once
+# --------------------------------------------------------------------------------------
+def sample_offline_dataset(bandit: Bandit, pairs_per_prompt: int, n_seeds: int, generator) -> tuple:
+    """A fixed dataset per seed: two reference samples per pair, labelled by an oracle
+    Bradley-Terry draw. Returns (chosen, rejected), long tensors [S, M, D]."""
+    S, M, D = n_seeds, bandit.n_prompts, pairs_per_prompt
+    ref = bandit.log_ref.exp().repeat(S, 1)                                     # [S*M, K]
+    y = torch.multinomial(ref, 2 * D, replacement=True, generator=generator).view(S, M, 2, D)
+    return _label_with(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], generator)
+
+
+def _label_with(prefs, y1, y2, generator):
+    """chosen = y1 with probability prefs[x, y1, y2], else y2. prefs: [M,K,K] or [S,M,K,K]."""
+    S, M, N = y1.shape
+    prefs = prefs.expand(S, *prefs.shape[-3:])
+    s, x = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
+    p_first = prefs[s, x, y1, y2]
+    first_wins = torch.rand(p_first.shape, generator=generator, dtype=p_first.dtype) < p_first
+    return torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
+
+
+def sample_pairs(theta, bandit: Bandit, recipe: Recipe, pairs_per_prompt: int, generator,
+                 offline_chosen=None, offline_rejected=None) -> tuple:
+    """Draw a labelled batch for each run: theta [S, M, K] -> (chosen, rejected, route), [S, M, N].
+
+    Each pair is routed to dpo / dp / pp / pr with ``recipe.route_probs`` (see
+    ``objective.ROUTES``): dataset pairs are a uniform draw from the run's offline pairs
+    (required when the recipe routes anything to the dataset), policy pairs two fresh samples
+    of pi_theta; labels come from the dataset, the oracle, or the policy's Bradley-Terry model.
+    """
+    S, M, K = theta.shape
+    N = pairs_per_prompt
+    with torch.no_grad():
+        route_probs = torch.tensor(recipe.route_probs, dtype=theta.dtype)
+        route = torch.multinomial(route_probs, S * M * N, replacement=True, generator=generator).view(S, M, N)
+        if offline_chosen is None:
+            if recipe.route_dpo + recipe.route_dp > 0:
+                raise ValueError("this recipe routes pairs to the dataset: pass offline_chosen/offline_rejected")
+            offline_chosen = offline_rejected = torch.zeros(S, M, 1, dtype=torch.long)
+        pick = torch.randint(offline_chosen.shape[-1], (S, M, N), generator=generator)
+        d_chosen, d_rejected = offline_chosen.gather(2, pick), offline_rejected.gather(2, pick)
+        pi = torch.softmax(theta, -1).reshape(S * M, K)
+        y = torch.multinomial(pi, 2 * N, replacement=True, generator=generator).view(S, M, 2, N)
+        self_prefs = torch.sigmoid(torch.stack([pair_logits(t, bandit) for t in theta]))
+        options = [
+            (d_chosen, d_rejected),                                          # dpo: dataset label
+            _label_with(self_prefs, d_chosen, d_rejected, generator),        # dp: relabelled data
+            _label_with(self_prefs, y[:, :, 0], y[:, :, 1], generator),      # pp: policy labels
+            _label_with(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], generator),  # pr: oracle labels
+        ]
+        chosen = sum(torch.where(route == k, c, 0) for k, (c, _) in enumerate(options))
+        rejected = sum(torch.where(route == k, r, 0) for k, (_, r) in enumerate(options))
+    return chosen, rejected, route
+
+
+def batch_loss(theta, bandit: Bandit, recipe: Recipe, chosen, rejected, route):
+    """``sail_loss`` of sampled pairs [S, M, N] for S independent runs: the sum over runs of
+    each run's batch mean, with the leave-one-out baseline taken per (run, prompt)."""
+    S, M, N = chosen.shape
+    s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
+    log_pi = torch.log_softmax(theta, -1)
+    log_ref = bandit.log_ref.expand_as(log_pi)
+    response_coef, label_coef = recipe.coefficients(route.flatten(), theta.dtype)
+    return sail_loss(
+        log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten(),
+        log_ref[s_idx, x_idx, chosen].flatten(), log_ref[s_idx, x_idx, rejected].flatten(),
+        bandit.beta, response_coef=response_coef, label_coef=label_coef,
+        response_mode=recipe.response_mode, baseline="loo",
+        groups=(s_idx * M + x_idx).expand(S, M, N).flatten(),
+        weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype),
+    )
+
+
+def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_prompt=16,
+          offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0) -> dict:
+    """Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
+
+    Runs start at pi_ref and differ in their offline dataset and in every sample. Steps
+    whose loss or gradient is not finite are skipped and counted. Returns lists: the steps,
+    and per run the true reward, KL(pi || pi_ref) and KL(pi || pi*) every ``eval_every`` steps.
+    """
+    g = torch.Generator().manual_seed(seed)
+    S, M, K = n_seeds, bandit.n_prompts, bandit.n_responses
+    offline_chosen, offline_rejected = sample_offline_dataset(bandit, offline_pairs_per_prompt, S, g)
+    theta = bandit.ref_logits.expand(S, M, K).clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "skipped_steps": 0}
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                history["step"].append(step)
+                history["reward"].append(expected_reward(theta, bandit).tolist())
+                history["kl_ref"].append(kl(theta, bandit.ref_logits).tolist())
+                history["kl_opt"].append(kl(theta, bandit.optimal_logits).tolist())
+        if step == steps:
+            break
+        chosen, rejected, route = sample_pairs(theta, bandit, recipe, pairs_per_prompt, g,
+                                               offline_chosen, offline_rejected)
+        loss = batch_loss(theta, bandit, recipe, chosen, rejected, route).loss
+        opt.zero_grad()
+        loss.backward()
+        if not (torch.isfinite(loss) and torch.isfinite(theta.grad).all()):
+            history["skipped_steps"] += 1
+            continue
+        opt.step()
+    return history

@@ -1,0 +1,372 @@
+r"""The SAIL objective: DPO on policy-dependent data, and the extra gradient terms.
+
+Notation (used in every docstring of this package)
+--------------------------------------------------
+x        a prompt, drawn from the prompt distribution rho
+y        a response
+l(y|x)   sequence log-prob, SUMMED over response tokens: sum_t log pi(y_t | x, y_<t)
+l_ref    the same under the frozen reference policy pi_ref
+h(x,y)   l(y|x) - l_ref(y|x)                      (implicit reward / beta)
+z        beta * (h(x, y_w) - h(x, y_l))           (DPO logit of the pair, w = chosen)
+sg[.]    stop-gradient (``.detach()``)
+
+The bilevel problem and its reduction
+-------------------------------------
+upper:  max_r  E_x E_{y1,y2 ~ pi*_r} E_{(w,l) ~ P} [ log sig(r(x,y_w) - r(x,y_l)) ]
+lower:  pi*_r = argmax_pi E_x [ E_{y~pi} r(x,y) - beta KL(pi || pi_ref) ]
+                = pi_ref exp(r / beta) / Z_r(x)
+
+Setting r_theta = beta * h_theta makes pi*_{r_theta} = pi_theta, and the problem becomes
+
+    J(theta) = E_x E_{y1,y2 ~ q_theta} E_{(w,l) ~ P_.} [ log sig(z_theta) ]        (1)
+
+where q_theta is where responses come from (the dataset, or pi_theta) and P_. who labels
+them (the dataset, an external oracle P*, or the policy's own Bradley-Terry model
+P_theta(w > l) = sig(z_theta)). The log-derivative trick gives
+
+    grad J = E[ grad log sig(z) ]                                   DPO term
+           + E[ log sig(z) * (grad l(y1) + grad l(y2)) ]            response term   (if q = pi_theta)
+           + E[ log sig(z) * grad log sig(z) ]                      label term      (if P = P_theta)
+
+The label term uses grad log P_theta(w > l) = grad log sig(z): the probability of the label
+that was drawn is sig of the logit of the pair in the drawn orientation.
+
+Surrogate losses
+----------------
+We minimise a per-pair *surrogate* whose gradient, in expectation over sampled pairs and
+labels, is -grad J. With f = -log sig(z) the per-pair DPO loss:
+
+    dpo       f                                         grad: -grad log sig(z)
+    response  sg[f - b] * (l(y_w) + l(y_l))             grad: -(log sig(z) + b)(grad l_w + grad l_l)
+    label     -1/2 (log sig(z))^2                       grad: -log sig(z) grad log sig(z)
+
+b is a baseline: any quantity that does not depend on the pair it multiplies keeps the
+response term unbiased, because E_{y ~ pi}[grad log pi(y)] = 0. We offer a leave-one-out
+batch mean of f, which is such a quantity and lowers the variance.
+
+Variants (SAIL-PR / SAIL-PP / SAIL-DP) pick q and P; online DPO is "policy responses,
+oracle labels, response coefficient 0"; offline DPO is "dataset responses, dataset labels".
+
+What the public SAIL code does instead (``response_mode="public"``)
+------------------------------------------------------------------
+The code of github.com/johnding1996/SAIL registers a tensor hook on the per-pair policy
+log-probs that replaces grad_l by grad_l - coef * sg[log sig(z)] / sg[l], for l_w and l_l,
+and averages the per-pair losses afterwards (the hook is not divided by the batch size).
+We reproduce its gradient without hooks with the surrogate
+
+    public    -sum_{pairs} ( sg[log sig(z) / l_w] l_w + sg[log sig(z) / l_l] l_l )
+
+Compared with the exact response term:
+  * sign: log sig(z) < 0 and l < 0, so it *raises* l_w and l_l (an SFT-like bonus on the
+    sampled pair); the exact term lowers the likelihood of poorly separated pairs;
+  * scale: divided by |l|, as if l were a probability in grad p / p; and summed instead of
+    averaged, i.e. batch_size x grad_accumulation_steps larger relative to the mean DPO loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+RESPONSE_MODES = ("exact", "public", "off")
+BASELINES = ("none", "loo")
+
+
+# --------------------------------------------------------------------------------------
+# input checks: bad input gets a clear error, never NaN gradients
+# --------------------------------------------------------------------------------------
+def _check_beta(beta: float) -> None:
+    if not (isinstance(beta, (int, float)) and beta > 0 and beta == beta and beta != float("inf")):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    names = list(tensors)
+    shape = tensors[names[0]].shape
+    for name in names:
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(
+                f"shape mismatch: {names[0]} has shape {tuple(shape)} but {name} has {tuple(t.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+            raise ValueError(f"{name} has a non-finite value at index {bad}: {t[tuple(bad)].item()}")
+
+
+# --------------------------------------------------------------------------------------
+# implicit reward and the DPO logit
+# --------------------------------------------------------------------------------------
+def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    r"""r_theta(x, y) = beta * (l_theta(y|x) - l_ref(y|x)), one value per sequence.
+
+    Both inputs are SUMMED sequence log-probs (see ``sail_min.logprobs``). The partition
+    function beta * log Z(x) is dropped: it cancels in every pairwise difference.
+    """
+    _check_beta(beta)
+    _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps)
+    return beta * (policy_logps - ref_logps)
+
+
+def dpo_logits(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    r"""z = beta * ((l_w - l_ref,w) - (l_l - l_ref,l)), one logit per pair."""
+    _check_beta(beta)
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    return beta * ((policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps))
+
+
+# --------------------------------------------------------------------------------------
+# the three surrogate terms, per pair
+# --------------------------------------------------------------------------------------
+def dpo_loss(z: torch.Tensor) -> torch.Tensor:
+    r"""f = -log sig(z) per pair (``F.logsigmoid`` is stable: f(100) ~ 4e-44, f(-100) = 100)."""
+    return -F.logsigmoid(z)
+
+
+def loo_baseline(values: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Leave-one-out mean: b_i = (sum_{j != i, g_j = g_i} v_j) / (n_{g_i} - 1).
+
+    b_i does not depend on pair i, so subtracting it from pair i's score-function weight
+    keeps the estimator unbiased. A group with a single member gets b_i = 0.
+    ``groups`` (optional, integer ids, e.g. the prompt index) restricts the mean to a group.
+    """
+    values = values.detach()
+    if groups is None:
+        groups = torch.zeros_like(values, dtype=torch.long)
+    if groups.shape != values.shape:
+        raise ValueError(f"groups has shape {tuple(groups.shape)}, values {tuple(values.shape)}")
+    _, inverse = torch.unique(groups, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    group_sum = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    group_n = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, inverse, torch.ones_like(values)
+    )
+    others = group_n[inverse] - 1
+    return torch.where(others > 0, (group_sum[inverse] - values) / others.clamp(min=1), torch.zeros_like(values))
+
+
+def response_term(
+    z: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    baseline: str | torch.Tensor = "none",
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Score-function surrogate for responses sampled from pi_theta, per pair.
+
+        sg[f - b] * (l(y_w) + l(y_l)),     f = -log sig(z)
+
+    whose gradient, in expectation over y1, y2 ~ pi_theta, is -E[log sig(z) grad(l1 + l2)].
+    ``baseline``: "none" (b = 0), "loo" (leave-one-out batch mean of f, within ``groups``),
+    or a tensor of per-pair baselines that must not depend on the pair itself.
+    """
+    weight = dpo_loss(z).detach()
+    if isinstance(baseline, torch.Tensor):
+        b = baseline.detach()
+    elif baseline == "loo":
+        b = loo_baseline(weight, groups)
+    elif baseline == "none":
+        b = torch.zeros_like(weight)
+    else:
+        raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
+    return (weight - b) * (policy_chosen_logps + policy_rejected_logps)
+
+
+def label_term(z: torch.Tensor) -> torch.Tensor:
+    r"""Surrogate for labels drawn from the policy's own Bradley-Terry model, per pair.
+
+        -1/2 (log sig(z))^2,   gradient  -log sig(z) * grad log sig(z)
+
+    In expectation over the label (w > l with probability sig(z)) its gradient is the
+    gradient of the negative binary entropy of sig(z) (see ``sail_min.bandit``), so
+    minimising it sharpens the model's own preferences.
+    """
+    return -0.5 * F.logsigmoid(z) ** 2
+
+
+def public_code_response_term(
+    z: torch.Tensor, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor
+) -> torch.Tensor:
+    r"""What the public SAIL code's gradient hook does, as a surrogate (per pair, NOT averaged).
+
+        -( sg[log sig(z) / l_w] * l_w + sg[log sig(z) / l_l] * l_l )
+
+    d/dl_w = -log sig(z) / l_w, exactly the hook's ``grad - coef * logsig / logp`` for the
+    loss. See the module docstring for the sign and scale differences to ``response_term``.
+    """
+    logsig = F.logsigmoid(z).detach()
+    return -(logsig / policy_chosen_logps.detach() * policy_chosen_logps
+             + logsig / policy_rejected_logps.detach() * policy_rejected_logps)
+
+
+# --------------------------------------------------------------------------------------
+# the SAIL loss: one call, each term kept separately for logging
+# --------------------------------------------------------------------------------------
+@dataclass
+class SAILLoss:
+    """Per-pair loss terms (each shape [n_pairs]) and the scalar to minimise.
+
+    ``loss = mean(dpo + response_coef * response + label_coef * label)`` (or a weighted sum)
+            ``+ sum(response_coef * public)`` (public mode only; summed, like the hook).
+    """
+
+    loss: torch.Tensor
+    z: torch.Tensor
+    dpo: torch.Tensor
+    response: torch.Tensor
+    label: torch.Tensor
+
+
+def _as_coef(coef: float | torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    coef = torch.as_tensor(coef, dtype=like.dtype, device=like.device)
+    if coef.ndim not in (0, 1) or (coef.ndim == 1 and coef.shape != like.shape):
+        raise ValueError(f"{name} must be a number or a tensor of shape {tuple(like.shape)}, got {tuple(coef.shape)}")
+    if not torch.isfinite(coef).all() or (coef < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0, got {coef.tolist()}")
+    return coef.expand_as(like)
+
+
+def sail_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    response_coef: float | torch.Tensor = 0.0,
+    label_coef: float | torch.Tensor = 0.0,
+    response_mode: str = "exact",
+    baseline: str | torch.Tensor = "loo",
+    groups: torch.Tensor | None = None,
+    grad_accumulation_steps: int = 1,
+    weights: torch.Tensor | None = None,
+) -> SAILLoss:
+    r"""The SAIL surrogate for a batch of labelled pairs.
+
+    Coefficients may be numbers or per-pair tensors, so one batch can mix variants: give
+    ``response_coef > 0`` only to pairs whose responses were sampled from the policy, and
+    ``label_coef > 0`` only to pairs labelled by the policy's implicit reward.
+    ``response_mode``: "exact" (the derivation), "public" (the public code's hook), "off".
+    ``grad_accumulation_steps`` only scales the public mode, as the hook was not divided by it.
+    ``weights`` (per pair, default 1/n_pairs: the batch mean) replace the mean by
+    sum_i weights_i * term_i, e.g. probabilities when enumerating pairs exactly, or 1/n_s
+    for pairs of independent runs s stacked in one batch.
+    """
+    if response_mode not in RESPONSE_MODES:
+        raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {response_mode!r}")
+    if not (isinstance(grad_accumulation_steps, int) and grad_accumulation_steps >= 1):
+        raise ValueError(f"grad_accumulation_steps must be an int >= 1, got {grad_accumulation_steps!r}")
+    z = dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    if z.ndim != 1 or z.numel() == 0:
+        raise ValueError(f"expected one log-prob per pair (a non-empty 1-D tensor), got shape {tuple(z.shape)}")
+    if weights is None:
+        weights = torch.full_like(z, 1.0 / z.numel())
+    elif weights.shape != z.shape:
+        raise ValueError(f"weights has shape {tuple(weights.shape)}, expected {tuple(z.shape)}")
+    response_coef = _as_coef(response_coef, z, "response_coef")
+    label_coef = _as_coef(label_coef, z, "label_coef")
+
+    dpo = dpo_loss(z)                                                    # -log sig(z)
+    label = label_term(z)                                                # -1/2 log sig(z)^2
+    if response_mode == "exact":
+        response = response_term(z, policy_chosen_logps, policy_rejected_logps, baseline, groups)
+        loss = (weights * (dpo + response_coef * response + label_coef * label)).sum()
+    elif response_mode == "public":
+        response = public_code_response_term(z, policy_chosen_logps, policy_rejected_logps)
+        loss = (weights * (dpo + label_coef * label)).sum() + grad_accumulation_steps * (response_coef * response).sum()
+    else:
+        response = torch.zeros_like(z)
+        loss = (weights * (dpo + label_coef * label)).sum()
+    return SAILLoss(loss=loss, z=z.detach(), dpo=dpo.detach(), response=response.detach(), label=label.detach())
+
+
+# --------------------------------------------------------------------------------------
+# recipes: where each pair comes from, who labels it, and which extra terms it carries
+# --------------------------------------------------------------------------------------
+ROUTES = ("dpo", "dp", "pp", "pr")
+"""The four kinds of pair (the public code draws one per training example):
+
+  dpo  dataset responses, dataset label                     no extra term   (offline DPO)
+  dp   dataset responses, label ~ policy's Bradley-Terry   label term      (SAIL-DP)
+  pp   two policy samples, label ~ policy's Bradley-Terry  label+response  (SAIL-PP)
+  pr   two policy samples, label from an oracle/reward     response term   (SAIL-PR; online
+       model                                                                DPO when coef=0)
+"""
+RESPONSES_FROM = {"dpo": "dataset", "dp": "dataset", "pp": "policy", "pr": "policy"}
+LABELS_FROM = {"dpo": "dataset", "dp": "policy", "pp": "policy", "pr": "oracle"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Routing probabilities per kind of pair, and the coefficient of each extra term.
+
+    Names follow the public code where it has them: routing r, p, g (and 1-r-p-g for plain
+    DPO); coefficients rho (SAIL-DP label term), pi (both SAIL-PP terms), gamma (SAIL-PR).
+    """
+
+    route_dpo: float = 1.0
+    """probability that a pair is a dataset pair with its dataset label (1 - r - p - g)"""
+    route_dp: float = 0.0
+    """probability of a dataset pair relabelled by the policy (SAIL-DP, r)"""
+    route_pp: float = 0.0
+    """probability of a policy pair labelled by the policy (SAIL-PP, p)"""
+    route_pr: float = 0.0
+    """probability of a policy pair labelled by the oracle (SAIL-PR / online DPO, g)"""
+    dp_label_coef: float = 0.0
+    """rho: label-term coefficient on dp pairs"""
+    pp_coef: float = 0.0
+    """pi: label- and response-term coefficient on pp pairs"""
+    pr_response_coef: float = 0.0
+    """gamma: response-term coefficient on pr pairs (0 = online DPO)"""
+    response_mode: str = "exact"
+    """one of "exact" (the derivation), "public" (the public code's hook), "off" """
+
+    def __post_init__(self):
+        for name in ("route_dpo", "route_dp", "route_pp", "route_pr",
+                     "dp_label_coef", "pp_coef", "pr_response_coef"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        total = self.route_dpo + self.route_dp + self.route_pp + self.route_pr
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"route_dpo + route_dp + route_pp + route_pr must be 1, got {total}")
+        if self.response_mode not in RESPONSE_MODES:
+            raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {self.response_mode!r}")
+
+    @property
+    def route_probs(self) -> list[float]:
+        """[P(dpo), P(dp), P(pp), P(pr)], in the order of ``ROUTES``."""
+        return [self.route_dpo, self.route_dp, self.route_pp, self.route_pr]
+
+    def coefficients(self, route_ids: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair (response_coef, label_coef) for pairs of the given routes (indices into ROUTES)."""
+        zero = 0.0
+        response = torch.tensor([zero, zero, self.pp_coef, self.pr_response_coef], dtype=dtype)
+        label = torch.tensor([zero, self.dp_label_coef, self.pp_coef, zero], dtype=dtype)
+        route_ids = route_ids.cpu()
+        return response[route_ids].to(route_ids.device), label[route_ids].to(route_ids.device)
+
+
+PRESETS = {
+    # offline DPO: every pair from the dataset, with the dataset's label
+    "offline-dpo": Recipe(),
+    # online DPO: every pair sampled from the policy and labelled by the oracle, no extra term
+    "online-dpo": Recipe(route_dpo=0.0, route_pr=1.0),
+    # the public code's defaults (configs/tasks.yaml): g=0.3 gamma=0.3, p=0.3 pi=0.2, r=0.4 rho=0.2
+    "sail-pr": Recipe(route_dpo=0.7, route_pr=0.3, pr_response_coef=0.3),
+    "sail-pp": Recipe(route_dpo=0.7, route_pp=0.3, pp_coef=0.2),
+    "sail-dp": Recipe(route_dpo=0.6, route_dp=0.4, dp_label_coef=0.2),
+}
