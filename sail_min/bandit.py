@@ -244,17 +244,18 @@ def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_promp
           offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0) -> dict:
     """Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
 
-    Runs start at pi_ref and differ in their offline dataset and in every sample. Steps
-    whose loss or gradient is not finite are skipped and counted. Returns lists: the steps,
-    and per run the true reward, KL(pi || pi_ref) and KL(pi || pi*) every ``eval_every`` steps.
+    Runs start at pi_ref and differ in their offline dataset and in every sample. A run whose
+    gradient is not finite skips that step (weights and Adam state untouched); skips are
+    counted per run. Returns lists: the steps, and per run the true reward, KL(pi || pi_ref) and KL(pi || pi*) every ``eval_every`` steps.
     """
     g = torch.Generator().manual_seed(seed)
     S, M, K = n_seeds, bandit.n_prompts, bandit.n_responses
     offline_chosen, offline_rejected = sample_offline_dataset(bandit, offline_pairs_per_prompt, S, g)
-    theta = bandit.ref_logits.expand(S, M, K).clone().requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
-    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "skipped_steps": 0}
+    runs = [bandit.ref_logits.clone().requires_grad_(True) for _ in range(S)]   # one tensor per run,
+    opt = torch.optim.Adam(runs, lr=lr)                                          # so a run can skip alone
+    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "skipped_steps": [0] * S}
     for step in range(steps + 1):
+        theta = torch.stack(runs)
         if step % eval_every == 0 or step == steps:
             with torch.no_grad():
                 history["step"].append(step)
@@ -265,11 +266,11 @@ def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_promp
             break
         chosen, rejected, route = sample_pairs(theta, bandit, recipe, pairs_per_prompt, g,
                                                offline_chosen, offline_rejected)
-        loss = batch_loss(theta, bandit, recipe, chosen, rejected, route).loss
         opt.zero_grad()
-        loss.backward()
-        if not (torch.isfinite(loss) and torch.isfinite(theta.grad).all()):
-            history["skipped_steps"] += 1
-            continue
+        batch_loss(theta, bandit, recipe, chosen, rejected, route).loss.backward()
+        for s, run in enumerate(runs):
+            if not torch.isfinite(run.grad).all():   # Adam skips a parameter whose grad is None
+                run.grad = None
+                history["skipped_steps"][s] += 1
         opt.step()
     return history

@@ -91,12 +91,12 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
 def format_table(results: dict) -> str:
     """A plain-text table of final true reward, KL to pi_ref and KL to pi*, mean +- std over seeds."""
     n = results["setup"]["n_seeds"]
-    lines = [f"{'method':30s} {'true reward':>16s} {'KL(pi||pi_ref)':>16s} {'KL(pi||pi*)':>16s} {'skipped':>8s}",
+    lines = [f"{'method':30s} {'true reward':>16s} {'KL(pi||pi_ref)':>16s} {'KL(pi||pi*)':>16s} {'skipped':>8s}",  # skipped: non-finite steps, all runs
              "-" * 90]
     for name, res in results["methods"].items():
         cells = [f"{m:7.3f} +- {s:5.3f}" for m, s in (res["final"][k] for k in ("reward", "kl_ref", "kl_opt"))]
         lines.append(f"{name:30s} {cells[0]:>16s} {cells[1]:>16s} {cells[2]:>16s} "
-                     f"{res['history']['skipped_steps']:>8d}")
+                     f"{sum(res['history']['skipped_steps']):>8d}")
     lines.append("-" * 90)
     lines.append(f"{'pi_ref':30s} {results['reference_reward']:7.3f}")
     lines.append(f"{'pi* (closed form)':30s} {results['optimal_reward']:7.3f} {results['optimal_kl_ref']:>11.3f}"

@@ -1,0 +1,151 @@
+"""The SAIL surrogate terms: formulas, gradients, errors, numerical stability."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sail_min.objective import (
+    PRESETS, Recipe, dpo_logits, dpo_loss, implicit_reward, label_term, loo_baseline,
+    public_code_response_term, response_term, sail_loss,
+)
+
+F64 = torch.float64
+
+
+def random_logps(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(-20 * torch.rand(n, generator=g, dtype=F64) - 1).requires_grad_(i < 2) for i in range(4)]
+
+
+def test_implicit_reward_and_logits_match_their_definitions():
+    pw, pl, rw, rl = random_logps()
+    beta = 0.3
+    assert torch.allclose(implicit_reward(pw, rw, beta), beta * (pw - rw))
+    z = dpo_logits(pw, pl, rw, rl, beta)
+    assert torch.allclose(z, implicit_reward(pw, rw, beta) - implicit_reward(pl, rl, beta))
+
+
+@pytest.mark.parametrize("beta", [0, -0.1, float("nan"), float("inf")])
+def test_bad_beta_is_rejected(beta):
+    pw, pl, rw, rl = random_logps()
+    with pytest.raises(ValueError, match="beta"):
+        dpo_logits(pw, pl, rw, rl, beta)
+
+
+def test_shape_mismatch_and_non_finite_inputs_name_the_argument():
+    pw, pl, rw, rl = random_logps()
+    with pytest.raises(ValueError, match="ref_rejected_logps"):
+        dpo_logits(pw, pl, rw, rl[:3], 0.1)
+    bad = rl.clone()
+    bad[2] = float("nan")
+    with pytest.raises(ValueError, match=r"ref_rejected_logps has a non-finite value at index \[2\]"):
+        sail_loss(pw, pl, rw, bad, 0.1)
+
+
+def test_response_term_gradient_is_the_score_function_weight():
+    pw, pl, rw, rl = random_logps()
+    z = dpo_logits(pw, pl, rw, rl, 0.5)
+    response_term(z.detach(), pw, pl).sum().backward()
+    f = -F.logsigmoid(z.detach())
+    assert torch.allclose(pw.grad, f) and torch.allclose(pl.grad, f)
+
+
+def test_label_term_gradient():
+    z = torch.linspace(-5, 5, 11, dtype=F64, requires_grad=True)
+    label_term(z).sum().backward()
+    # d/dz [-1/2 log sig(z)^2] = -log sig(z) * (1 - sig(z))
+    assert torch.allclose(z.grad, -F.logsigmoid(z.detach()) * (1 - torch.sigmoid(z.detach())))
+
+
+def test_loo_baseline_is_leave_one_out_and_independent_of_its_own_pair():
+    v = torch.tensor([1.0, 2.0, 4.0, 8.0, 3.0], dtype=F64)
+    groups = torch.tensor([0, 0, 0, 1, 2])
+    b = loo_baseline(v, groups)
+    assert torch.allclose(b, torch.tensor([3.0, 2.5, 1.5, 0.0, 0.0], dtype=F64))
+    v2 = v.clone()
+    v2[0] = 100.0
+    assert loo_baseline(v2, groups)[0] == b[0]
+
+
+def test_public_code_mode_reproduces_the_public_gradient_hook():
+    """Reference: the public code registers hooks grad <- grad - coef * logsig(z) / l on the
+    per-pair log-probs of a loss averaged over the batch. We build that literally here."""
+    beta, coef, accumulation = 0.1, 0.3, 2
+    pw, pl, rw, rl = random_logps(8)
+    z = dpo_logits(pw, pl, rw, rl, beta)
+    logsig = F.logsigmoid(z).detach()
+    pw_hooked, pl_hooked = pw.detach().clone().requires_grad_(), pl.detach().clone().requires_grad_()
+    lw, ll = pw_hooked * 1.0, pl_hooked * 1.0
+    lw.register_hook(lambda g: g - coef * logsig / lw.detach())
+    ll.register_hook(lambda g: g - coef * logsig / ll.detach())
+    (-F.logsigmoid(dpo_logits(lw, ll, rw, rl, beta))).mean().div(accumulation).backward()
+
+    out = sail_loss(pw, pl, rw, rl, beta, response_coef=coef, response_mode="public",
+                    grad_accumulation_steps=accumulation)
+    (out.loss / accumulation).backward()
+    assert torch.allclose(pw.grad, pw_hooked.grad) and torch.allclose(pl.grad, pl_hooked.grad)
+    # sign: the public term raises the likelihood of both responses (descent direction > 0)
+    extra = pw.grad - torch.autograd.grad(dpo_loss(dpo_logits(pw, pl, rw, rl, beta)).mean() / accumulation, pw)[0]
+    assert (extra < 0).all()
+
+
+def test_exact_mode_mean_and_coefficients():
+    pw, pl, rw, rl = random_logps()
+    out = sail_loss(pw, pl, rw, rl, 0.2, response_coef=0.5, label_coef=0.25, baseline="none")
+    expected = (out.dpo + 0.5 * out.response + 0.25 * out.label).mean()
+    assert torch.allclose(out.loss, expected)
+    assert torch.allclose(out.dpo, -F.logsigmoid(out.z))
+    off = sail_loss(pw, pl, rw, rl, 0.2, response_coef=0.5, response_mode="off")
+    assert torch.allclose(off.loss, out.dpo.mean())
+
+
+@pytest.mark.parametrize("z_value", [100.0, -100.0])
+def test_losses_and_gradients_are_finite_at_extreme_logits(z_value):
+    # z = beta * (pw - pl) with reference log-probs equal: pw - pl = z / beta
+    beta = 0.5
+    pl = torch.tensor([-300.0], dtype=F64, requires_grad=True)
+    pw = (pl.detach() + z_value / beta).requires_grad_()
+    ref = torch.tensor([-50.0], dtype=F64)
+    out = sail_loss(pw, pl, ref, ref, beta, response_coef=1.0, label_coef=1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(pw.grad).all() and torch.isfinite(pl.grad).all()
+    assert out.z.item() == pytest.approx(z_value)
+    if z_value > 0:
+        assert out.dpo.item() == pytest.approx(math.exp(-100), rel=1e-6)
+    else:
+        assert out.dpo.item() == pytest.approx(100.0, rel=1e-12)
+        assert out.label.item() == pytest.approx(-0.5 * 100.0 ** 2, rel=1e-12)
+
+
+def test_sail_loss_argument_errors():
+    pw, pl, rw, rl = random_logps()
+    with pytest.raises(ValueError, match="response_mode"):
+        sail_loss(pw, pl, rw, rl, 0.1, response_mode="hook")
+    with pytest.raises(ValueError, match="baseline"):
+        sail_loss(pw, pl, rw, rl, 0.1, response_coef=1.0, baseline="mean")
+    with pytest.raises(ValueError, match="response_coef"):
+        sail_loss(pw, pl, rw, rl, 0.1, response_coef=-1.0)
+    with pytest.raises(ValueError, match="label_coef"):
+        sail_loss(pw, pl, rw, rl, 0.1, label_coef=torch.ones(3))
+    with pytest.raises(ValueError, match="weights"):
+        sail_loss(pw, pl, rw, rl, 0.1, weights=torch.ones(2))
+    with pytest.raises(ValueError, match="one log-prob per pair"):
+        sail_loss(*(t.view(2, 3) for t in random_logps()), 0.1)
+
+
+def test_recipes_validate_and_map_routes_to_coefficients():
+    with pytest.raises(ValueError, match="must be 1"):
+        Recipe(route_dpo=0.5)
+    with pytest.raises(ValueError, match="pp_coef"):
+        Recipe(pp_coef=-0.2)
+    with pytest.raises(ValueError, match="response_mode"):
+        Recipe(response_mode="hook")
+    r = Recipe(route_dpo=0.1, route_dp=0.2, route_pp=0.3, route_pr=0.4, dp_label_coef=1, pp_coef=2,
+               pr_response_coef=3)
+    response, label = r.coefficients(torch.tensor([0, 1, 2, 3]), F64)
+    assert response.tolist() == [0, 0, 2, 3] and label.tolist() == [0, 1, 2, 0]
+    # the public code's defaults (configs/tasks.yaml)
+    assert (PRESETS["sail-pr"].route_pr, PRESETS["sail-pr"].pr_response_coef) == (0.3, 0.3)
+    assert (PRESETS["sail-pp"].route_pp, PRESETS["sail-pp"].pp_coef) == (0.3, 0.2)
+    assert (PRESETS["sail-dp"].route_dp, PRESETS["sail-dp"].dp_label_coef) == (0.4, 0.2)
