@@ -222,9 +222,9 @@ def sample_pairs(theta, bandit: Bandit, recipe: Recipe, pairs_per_prompt: int, g
     return chosen, rejected, route
 
 
-def batch_loss(theta, bandit: Bandit, recipe: Recipe, chosen, rejected, route):
+def batch_loss(theta, bandit: Bandit, recipe: Recipe, chosen, rejected, route, baseline="loo"):
     """``sail_loss`` of sampled pairs [S, M, N] for S independent runs: the sum over runs of
-    each run's batch mean, with the leave-one-out baseline taken per (run, prompt)."""
+    each run's batch mean, with the leave-one-out baseline (if any) taken per (run, prompt)."""
     S, M, N = chosen.shape
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     log_pi = torch.log_softmax(theta, -1)
@@ -234,7 +234,7 @@ def batch_loss(theta, bandit: Bandit, recipe: Recipe, chosen, rejected, route):
         log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten(),
         log_ref[s_idx, x_idx, chosen].flatten(), log_ref[s_idx, x_idx, rejected].flatten(),
         bandit.beta, response_coef=response_coef, label_coef=label_coef,
-        response_mode=recipe.response_mode, baseline="loo",
+        response_mode=recipe.response_mode, baseline=baseline,
         groups=(s_idx * M + x_idx).expand(S, M, N).flatten(),
         weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype),
     )
@@ -272,5 +272,30 @@ def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_promp
             if not torch.isfinite(run.grad).all():   # Adam skips a parameter whose grad is None
                 run.grad = None
                 history["skipped_steps"][s] += 1
+        opt.step()
+    return history
+
+
+def train_exact(bandit: Bandit, route: str, response_coef=1.0, label_coef=1.0, steps=2000, lr=0.05,
+                eval_every=10) -> dict:
+    """Adam on the EXACT expected surrogate gradient (no sampling noise) from pi_ref.
+
+    With coefficient 1 on every extra term this follows grad J(theta) itself; with 0 on
+    the response term of "pr" pairs, exact online DPO.
+    """
+    theta = bandit.ref_logits.clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": []}
+    for step in range(steps + 1):
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                history["step"].append(step)
+                history["reward"].append(expected_reward(theta, bandit).item())
+                history["kl_ref"].append(kl(theta, bandit.ref_logits).item())
+                history["kl_opt"].append(kl(theta, bandit.optimal_logits).item())
+        if step == steps:
+            break
+        opt.zero_grad()
+        exact_surrogate_loss(theta, bandit, route, response_coef, label_coef).backward()
         opt.step()
     return history

@@ -140,16 +140,16 @@ def bilevel_gradient(theta, bandit, labels="oracle") -> tuple[torch.Tensor, floa
 # Monte-Carlo estimates
 # --------------------------------------------------------------------------------------
 def monte_carlo_errors(theta, bandit, recipe: Recipe, route, batch_sizes=(4, 16, 64, 256, 1024),
-                       repeats=16, seed=0) -> list[float]:
-    """Mean relative error of the sampled surrogate gradient (N pairs per prompt, LOO
-    baseline) against its exact expectation, over ``repeats`` independent batches."""
+                       repeats=16, seed=0, baseline="loo") -> list[float]:
+    """Mean relative error of the sampled surrogate gradient (N pairs per prompt, baseline
+    "loo" or "none") against its exact expectation, over ``repeats`` independent batches."""
     g = torch.Generator().manual_seed(seed)
     exact = surrogate_gradient(theta, bandit, route)
     errors = []
     for n in batch_sizes:
         thetas = theta.detach().expand(repeats, *theta.shape).clone().requires_grad_(True)
         chosen, rejected, route_ids = sample_pairs(thetas, bandit, recipe, n, g)
-        batch_loss(thetas, bandit, recipe, chosen, rejected, route_ids).loss.backward()
+        batch_loss(thetas, bandit, recipe, chosen, rejected, route_ids, baseline).loss.backward()
         errors.append(sum(relative_error(gr, exact) for gr in thetas.grad) / repeats)
     return errors
 
