@@ -72,6 +72,7 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
         "reference_reward": expected_reward(bandit.ref_logits, bandit).item(),
         "optimal_reward": expected_reward(bandit.optimal_logits, bandit).item(),
         "optimal_kl_ref": kl(bandit.optimal_logits, bandit.ref_logits).item(),
+        "reference_kl_opt": kl(bandit.ref_logits, bandit.optimal_logits).item(),
         "methods": {},
     }
     for name, recipe in setup.methods.items():
@@ -98,9 +99,9 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:30s} {cells[0]:>16s} {cells[1]:>16s} {cells[2]:>16s} "
                      f"{sum(res['history']['skipped_steps']):>8d}")
     lines.append("-" * 90)
-    lines.append(f"{'pi_ref':30s} {results['reference_reward']:7.3f}")
-    lines.append(f"{'pi* (closed form)':30s} {results['optimal_reward']:7.3f} {results['optimal_kl_ref']:>11.3f}"
-                 f"{0:>17.3f}")
+    for name, reward, kl_ref, kl_opt in (("pi_ref", results["reference_reward"], 0.0, results["reference_kl_opt"]),
+                                         ("pi* (closed form)", results["optimal_reward"], results["optimal_kl_ref"], 0.0)):
+        lines.append(f"{name:30s} {reward:7.3f}{'':9s} {kl_ref:7.3f}{'':9s} {kl_opt:7.3f}")
     lines.append(f"(mean +- std over {n} seeds after {results['setup']['steps']} steps)")
     return "\n".join(lines)
 
