@@ -1,0 +1,237 @@
+"""Load and validate preference data D = {(x, y_w, y_l)} and prompt-only data {x}.
+
+Formats (TRL's standard ones), one row per example:
+
+    plain text       {"prompt": "Tell me...", "chosen": "Sure, ...", "rejected": "No."}
+    conversational   {"prompt":   [{"role": "user", "content": "Tell me..."}],
+                      "chosen":   [{"role": "assistant", "content": "Sure, ..."}],
+                      "rejected": [{"role": "assistant", "content": "No."}]}
+    implicit prompt  {"chosen":   [{"role": "user", ...}, {"role": "assistant", ...}],
+                      "rejected": [{"role": "user", ...}, {"role": "assistant", ...}]}
+                     (conversational only: the prompt x is the longest shared run of leading
+                     messages, chosen/rejected are what follows it)
+    prompt-only      {"prompt": ...} for the online variants, which sample their own responses
+
+Sources: a local .json (an array of objects), .jsonl or .parquet file, or a dataset name on
+the Hugging Face hub (needs the network, e.g. on Colab; offline it fails with a DataError).
+Local JSON is parsed here, line by line, so that every problem can be named precisely.
+
+Every row is checked before any tensor or Arrow table is built: bad data raises
+`DataError` (a ValueError) naming the source, the row (0-based, as in `dataset[row]`; for
+.jsonl also the line) and the field, e.g.
+
+    DataError: data/x.jsonl row 2 (line 3), field 'chosen': empty text
+
+The result is a `datasets.Dataset` with exactly the columns prompt, chosen, rejected (or
+prompt), all rows in one format: plain strings, or message lists of {"role", "content"}.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+PROMPT_ROLES = ("system", "user", "assistant")   # a prompt is a conversation that ends with the user
+RESPONSE_ROLES = ("assistant",)
+
+
+class DataError(ValueError):
+    """Bad data, with the source, row and field it was found in."""
+
+
+# Reading rows -----------------------------------------------------------------------------
+
+def _read_jsonl(path: Path, text: str):
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} row {len(rows)} (line {line_number})"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: invalid JSON: {err.msg} at column {err.colno}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows.append((where, row))
+    return rows
+
+
+def _read_json(path: Path, text: str):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+                        " (for one object per line, name the file .jsonl)") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    rows = []
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append((f"{path} row {i}", row))
+    return rows
+
+
+def _read_table(dataset, name: str):
+    return [(f"{name} row {i}", row) for i, row in enumerate(dataset)]
+
+
+def _read_rows(source: str | Path, split: str) -> list[tuple[str, dict]]:
+    """[(where, row)] from a local file or a hub dataset; `where` names the row in messages."""
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        if path.suffix not in LOCAL_SUFFIXES:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}, expected one of {LOCAL_SUFFIXES}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: empty file")
+        if path.suffix == ".parquet":
+            try:
+                table = Dataset.from_parquet(str(path))
+            except Exception as err:  # pyarrow's own errors are many and deep: name the file
+                raise DataError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
+            rows = _read_table(table, str(path))
+        else:
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line = raw[:err.start].count(b"\n") + 1
+                raise DataError(f"{path}: not valid UTF-8 at byte {err.start} (line {line})") from None
+            rows = _read_jsonl(path, text) if path.suffix == ".jsonl" else _read_json(path, text)
+    else:
+        rows = _read_table(_load_from_hub(str(source), split), f"{source}[{split}]")
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    return rows
+
+
+def _load_from_hub(name: str, split: str):
+    from datasets import load_dataset
+    try:
+        return load_dataset(name, split=split)
+    except Exception as err:  # network, offline mode, unknown name, unknown split
+        raise DataError(f"could not load {name!r} (split {split!r}) from the hub: {type(err).__name__}: "
+                        f"{err}. Offline (HF_DATASETS_OFFLINE=1)? Use a local .json, .jsonl or "
+                        ".parquet file instead.") from None
+
+
+# Checking fields --------------------------------------------------------------------------
+
+def _check_text(value, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}, field {field!r}: expected text, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}, field {field!r}: empty text")
+    return value
+
+
+def _check_messages(value, where: str, field: str, roles: tuple[str, ...]) -> list[dict]:
+    """A non-empty list of {"role", "content"} with roles from `roles` and non-empty content."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}, field {field!r}: expected a non-empty list of "
+                        f"{{'role', 'content'}} messages, got {type(value).__name__}"
+                        + (" of length 0" if isinstance(value, list) else ""))
+    messages = []
+    for j, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}, field {field!r}, message {j}: expected a dict with keys "
+                            f"'role' and 'content', got {message!r:.80}")
+        if message["role"] not in roles:
+            raise DataError(f"{where}, field {field!r}, message {j}: role {message['role']!r} "
+                            f"not allowed here (expected one of {roles})")
+        content = _check_text(message["content"], f"{where}, field {field!r}, message {j}", "content")
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def _check_prompt(value, where: str, field: str = "prompt"):
+    """Plain text, or a conversation ending with a user message (the policy answers it)."""
+    if isinstance(value, str):
+        return _check_text(value, where, field)
+    messages = _check_messages(value, where, field, PROMPT_ROLES)
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where}, field {field!r}: the last message must have role 'user', "
+                        f"got {messages[-1]['role']!r}")
+    return messages
+
+
+def _check_response(value, where: str, field: str, conversational: bool):
+    if not conversational:
+        if isinstance(value, list):
+            raise DataError(f"{where}, field {field!r}: a message list, but 'prompt' is plain text")
+        return _check_text(value, where, field)
+    if isinstance(value, str):
+        raise DataError(f"{where}, field {field!r}: plain text, but 'prompt' is a message list")
+    return _check_messages(value, where, field, RESPONSE_ROLES)
+
+
+def _require_fields(row: dict, where: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if name not in row or row[name] is None:
+            raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
+
+
+def _split_implicit_prompt(row: dict, where: str) -> dict:
+    """Implicit prompt: x = the shared leading messages of chosen and rejected."""
+    _require_fields(row, where, ("chosen", "rejected"))
+    if isinstance(row["chosen"], str) or isinstance(row["rejected"], str):
+        raise DataError(f"{where}: missing field 'prompt' (only conversational data may leave the "
+                        f"prompt implicit in 'chosen' and 'rejected')")
+    chosen = _check_messages(row["chosen"], where, "chosen", PROMPT_ROLES)
+    rejected = _check_messages(row["rejected"], where, "rejected", PROMPT_ROLES)
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise DataError(f"{where}: no 'prompt' field and 'chosen' and 'rejected' share no leading "
+                        f"messages to take the prompt from")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def _preference_row(row: dict, where: str) -> dict:
+    if "prompt" not in row:
+        row = _split_implicit_prompt(row, where)
+    _require_fields(row, where, ("prompt", "chosen", "rejected"))
+    prompt = _check_prompt(row["prompt"], where)
+    conversational = isinstance(prompt, list)
+    return {"prompt": prompt,
+            "chosen": _check_response(row["chosen"], where, "chosen", conversational),
+            "rejected": _check_response(row["rejected"], where, "rejected", conversational)}
+
+
+def _prompt_row(row: dict, where: str) -> dict:
+    if "prompt" not in row and "chosen" in row:
+        return {"prompt": _split_implicit_prompt(row, where)["prompt"]}
+    _require_fields(row, where, ("prompt",))
+    return {"prompt": _check_prompt(row["prompt"], where)}
+
+
+def _to_dataset(checked: list[tuple[str, dict]]) -> Dataset:
+    """All rows in one format (Arrow needs one type per column), then a Dataset."""
+    first_where, first = checked[0]
+    first_is_text = isinstance(first["prompt"], str)
+    for where, row in checked:
+        if isinstance(row["prompt"], str) != first_is_text:
+            kinds = ("plain text", "conversational") if first_is_text else ("conversational", "plain text")
+            raise DataError(f"{where}, field 'prompt': {kinds[1]}, but {first_where} is {kinds[0]}; "
+                            f"use one format for the whole dataset")
+    return Dataset.from_list([row for _, row in checked])
+
+
+# Public -----------------------------------------------------------------------------------
+
+def load_preference_data(source: str | Path, split: str = "train") -> Dataset:
+    """Preference pairs (prompt, chosen, rejected) from a local file or a hub dataset, validated."""
+    rows = _read_rows(source, split)
+    return _to_dataset([(where, _preference_row(row, where)) for where, row in rows])
+
+
+def load_prompt_data(source: str | Path, split: str = "train") -> Dataset:
+    """Prompts only (column 'prompt'), for online variants; preference data works too."""
+    rows = _read_rows(source, split)
+    return _to_dataset([(where, _prompt_row(row, where)) for where, row in rows])

@@ -1,0 +1,179 @@
+"""Preference labels for pairs of responses: which of y1, y2 (to the same prompt x) is chosen.
+
+Every source scores both responses, s1 = s(x, y1) and s2 = s(x, y2), and a rule turns the two
+scores into a label `first_is_chosen` (True: y_w = y1, y_l = y2; False: the other way round):
+
+    argmax      y1 chosen  iff  s1 >= s2                          (tie rule: ties go to y1, as in TRL)
+    bernoulli   y1 chosen  with probability  sigma(s1 - s2)       (a sample of the Bradley-Terry model)
+
+The three sources:
+
+    (a) dataset          pairs are stored as (chosen, rejected), so y1 wins; there are no scores.
+    (b) reward model     s = r_phi(x, y): a Hugging Face sequence classifier read with ITS OWN
+                         tokenizer (`RewardModelScorer`), or any callable (prompts, responses) -> scores.
+    (c) implicit reward  s = beta * (l_theta(y|x) - l_ref(y|x)), the policy's own reward as in DPO,
+                         with l(y|x) = sum_t log pi(y_t | x, y_<t) from `sail_min.logprobs`.
+
+Labels are data, not part of the computation graph: every score is detached.
+
+Reading a reward model. The policy's token ids mean nothing to a reward model with another
+vocabulary, so responses travel as decoded text and are re-tokenised here (with the reward
+model's chat template when it has one), padded on the RIGHT. A decoder reward model is read at
+the last token that the attention mask marks as real. Looking for the last token that is not
+`pad_token_id` (what `*ForSequenceClassification.forward` does) reads the wrong token when
+pad == eos and the text ends with eos: the eos itself looks like padding.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Prompt = str | list[dict]
+ScoreFn = Callable[[Sequence[Prompt], Sequence[str]], "torch.Tensor | Sequence[float]"]
+
+
+@dataclass
+class PairLabels:
+    """The label of each pair and, when the source has them, the scores behind it."""
+
+    first_is_chosen: torch.Tensor                # bool [N]: True -> (y_w, y_l) = (y1, y2)
+    first_scores: torch.Tensor | None = None     # float [N]: s(x, y1); None for dataset labels
+    second_scores: torch.Tensor | None = None    # float [N]: s(x, y2)
+
+    def chosen_rejected(self, first, second):
+        """Reorder a pair of batches into (chosen, rejected): y_w = y1 if first_is_chosen else y2.
+
+        `first` and `second` are tensors with the pair index as leading dimension, or lists.
+        """
+        if isinstance(first, torch.Tensor):
+            pick_first = self.first_is_chosen.to(first.device).view(-1, *([1] * (first.dim() - 1)))
+            return torch.where(pick_first, first, second), torch.where(pick_first, second, first)
+        flags = self.first_is_chosen.tolist()
+        chosen = [a if f else b for a, b, f in zip(first, second, flags)]
+        rejected = [b if f else a for a, b, f in zip(first, second, flags)]
+        return chosen, rejected
+
+
+def choose(first_scores, second_scores, rule: str = "argmax",
+           generator: torch.Generator | None = None) -> PairLabels:
+    """Turn scores into labels with `rule` = "argmax" (ties -> first) or "bernoulli"."""
+    s1 = torch.as_tensor(first_scores, dtype=torch.float32).detach().cpu()
+    s2 = torch.as_tensor(second_scores, dtype=torch.float32).detach().cpu()
+    if s1.shape != s2.shape or s1.dim() != 1:
+        raise ValueError(f"first_scores and second_scores must be 1-D of equal length, "
+                         f"got shapes {tuple(s1.shape)} and {tuple(s2.shape)}")
+    if rule == "argmax":
+        first_is_chosen = s1 >= s2                                               # y1 iff s1 >= s2
+    elif rule == "bernoulli":
+        prob_first = torch.sigmoid(s1 - s2)                                      # P(y1 > y2) = sigma(s1 - s2)
+        first_is_chosen = torch.rand(s1.shape, generator=generator) < prob_first
+    else:
+        raise ValueError(f"rule must be 'argmax' or 'bernoulli', got {rule!r}")
+    return PairLabels(first_is_chosen, s1, s2)
+
+
+# (a) dataset ------------------------------------------------------------------------------
+
+def dataset_labels(num_pairs: int) -> PairLabels:
+    """Dataset pairs are (chosen, rejected): the first response is always the chosen one."""
+    return PairLabels(torch.ones(num_pairs, dtype=torch.bool))
+
+
+# (b) reward model -------------------------------------------------------------------------
+
+def reward_model_labels(score_fn: ScoreFn, prompts: Sequence[Prompt], first_responses: Sequence[str],
+                        second_responses: Sequence[str], rule: str = "argmax",
+                        generator: torch.Generator | None = None) -> PairLabels:
+    """Label pairs by s = r_phi(x, y), with `score_fn(prompts, responses) -> scores`.
+
+    `score_fn` is a `RewardModelScorer` or any callable, e.g. a lexicon-based judge.
+    """
+    if not len(prompts) == len(first_responses) == len(second_responses):
+        raise ValueError(f"prompts, first_responses and second_responses differ in length: "
+                         f"{len(prompts)}, {len(first_responses)}, {len(second_responses)}")
+    first_scores = score_fn(list(prompts), list(first_responses))
+    second_scores = score_fn(list(prompts), list(second_responses))
+    return choose(first_scores, second_scores, rule, generator)
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r_phi(x, y) for a tokenised batch, one score per row, gradients kept (for training an RM).
+
+    Decoder reward models (those with a `score` head: Llama, Qwen2, Mistral, GPT-2, ...) put the
+    head on the hidden state of the last real token, found from the attention mask:
+        last_b = max{t : attention_mask[b, t] = 1},   r_b = score(h_b[last_b]).
+    Encoder reward models (BERT-like) pool their first token themselves; right padding suits them.
+    """
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model must output one score (num_labels=1), "
+                         f"got num_labels={model.config.num_labels}")
+    if not hasattr(model, "score"):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last_real = (attention_mask * positions).argmax(dim=1)                 # max{t : mask[b, t] = 1}
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)         # 0, 1, ... over real tokens
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=False).last_hidden_state
+    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real]
+    return model.score(last_hidden)[:, 0]                                  # r_b = score(h_b[last_b])
+
+
+class RewardModelScorer:
+    """Callable (prompts, responses) -> scores [N] for a sequence-classification reward model.
+
+    Responses are plain text (decode the policy's ids first); they are re-tokenised with the
+    reward model's own tokenizer, right-padded, in batches of `batch_size`.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 32):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("reward tokenizer has no pad token: set tokenizer.pad_token "
+                             "(e.g. to tokenizer.eos_token) before scoring batches")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def render(self, prompt: Prompt, response: str) -> str:
+        """The text the reward model reads: its chat template over (user: x, assistant: y)."""
+        if self.tokenizer.chat_template is not None:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            messages = messages + [{"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        if not isinstance(prompt, str):
+            raise ValueError("reward tokenizer has no chat template, so prompts must be plain "
+                             "strings, got a message list")
+        return prompt + response
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"prompts and responses differ in length: {len(prompts)} vs {len(responses)}")
+        texts = [self.render(p, r) for p, r in zip(prompts, responses)]
+        # A chat template writes its own special tokens (BOS, ...); plain text gets the defaults.
+        add_special_tokens = self.tokenizer.chat_template is None
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True,
+                                   padding_side="right", return_tensors="pt",
+                                   add_special_tokens=add_special_tokens).to(device)
+            scores.append(reward_scores(self.model, batch.input_ids, batch.attention_mask).float().cpu())
+        return torch.cat(scores)
+
+
+# (c) implicit reward ----------------------------------------------------------------------
+
+def implicit_reward_labels(policy_logps_first: torch.Tensor, ref_logps_first: torch.Tensor,
+                           policy_logps_second: torch.Tensor, ref_logps_second: torch.Tensor,
+                           beta: float, rule: str = "bernoulli",
+                           generator: torch.Generator | None = None) -> PairLabels:
+    """Label pairs by the policy's implicit reward  s = beta * (l_theta(y|x) - l_ref(y|x)).
+
+    With rule="bernoulli", P(y1 chosen) = sigma(s1 - s2) = sigma(z), the policy's own
+    Bradley-Terry model (SAIL-PP); with rule="argmax" the more rewarded response wins.
+    """
+    first_scores = beta * (policy_logps_first.detach() - ref_logps_first.detach())     # s1
+    second_scores = beta * (policy_logps_second.detach() - ref_logps_second.detach())  # s2
+    return choose(first_scores, second_scores, rule, generator)

@@ -1,0 +1,136 @@
+"""Sequence log-probabilities of responses under a causal LM, and the frozen reference model.
+
+For a prompt x and a response y = (y_1, ..., y_T) the sequence log-probability is the SUM
+
+    l_theta(y|x) = sum_{t=1..T} log pi_theta(y_t | x, y_<t)
+
+(not the mean: DPO, SAIL and TRL all sum, and the implicit reward
+h_theta = l_theta - l_ref is only a log-ratio of sequence probabilities with the sum).
+
+Each token's log-probability comes from the logits z_t = W h_{t-1} (h: the final hidden
+state one position earlier, W: the lm_head):
+
+    log pi_theta(y_t | x, y_<t) = z_t[y_t] - logsumexp_v z_t[v]
+
+The naive way materialises log_softmax over the whole [batch, length, vocab] logits in fp32:
+16 x 512 x 151,936 x 4 bytes = 5 GB, plus as much again for its gradient. Here only the
+response positions are kept (prompt and padding positions never reach the lm_head), packed
+into one list of N response tokens, and their logits exist for one chunk of `chunk_size`
+tokens at a time: each chunk is reduced at once to the two numbers above, z_t[y_t] and
+logsumexp z_t, and dropped. `torch.utils.checkpoint` recomputes a chunk's logits during
+backward, so the gradient is exact and only one chunk's logits are alive at any time:
+chunk_size x vocab x 4 bytes (512 x 151,936 x 4 = 0.3 GB; backward holds about four
+such buffers: the logits, their exponentials and two gradients).
+
+Batches are one row per (prompt, response): input_ids = prompt ++ response, with any
+padding on either side. Three [B, L] tensors describe them:
+
+    input_ids       token ids
+    attention_mask  1 on real tokens (prompt and response), 0 on padding
+    response_mask   1 on response tokens only: the tokens that l(y|x) sums over
+
+Position ids are counted over real tokens only, p_t = (sum_{s<=t} mask_s) - 1, so a
+left-padded row gets exactly the positions it would have alone (as in `generate`).
+"""
+from __future__ import annotations
+
+from copy import deepcopy
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_token_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor,
+                          targets: torch.Tensor) -> torch.Tensor:
+    """log pi(y_t | ...) = z_t[y_t] - logsumexp_v z_t[v] for a chunk of tokens, z = lm_head(h) in fp32."""
+    logits = lm_head(hidden).float()                                      # z: [chunk, V], this chunk only
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # z_t[y_t]
+    return target_logits - logits.logsumexp(dim=-1)                      # z_t[y_t] - logsumexp z_t
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+    """l(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens, one value per row, shape [B].
+
+    Differentiable (wrap the reference model's call in torch.no_grad()). Logits are
+    materialised for `chunk_size` response tokens at a time; the result does not depend on it.
+    """
+    if not (input_ids.shape == attention_mask.shape == response_mask.shape) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids, attention_mask and response_mask must share one [batch, length] "
+                         f"shape, got {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, "
+                         f"{tuple(response_mask.shape)}")
+    if bool((response_mask.bool() & ~attention_mask.bool()).any()):
+        raise ValueError("response_mask marks tokens that attention_mask marks as padding")
+    if bool(response_mask[:, 0].any()):
+        raise ValueError("response_mask marks the first position: a response needs at least one "
+                         "prompt token before it to be predicted from")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    config = model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise NotImplementedError(f"{type(model).__name__} transforms its logits after the lm_head "
+                                  "(soft-capping or scaling); sequence_logprobs assumes z = lm_head(h)")
+
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)   # p_t over real tokens
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
+    lm_head = model.get_output_embeddings()
+
+    # Token t is predicted from the hidden state at t - 1. Keep response tokens only, packed.
+    rows, positions = response_mask[:, 1:].bool().nonzero(as_tuple=True)    # one entry per y_t
+    response_hidden = hidden[:, :-1][rows, positions]                        # h_{t-1}: [N, d]
+    response_targets = input_ids[:, 1:][rows, positions]                     # y_t: [N]
+    recompute_in_backward = torch.is_grad_enabled() and response_hidden.requires_grad
+
+    total = hidden.new_zeros(input_ids.shape[0], dtype=torch.float32)
+    for start in range(0, len(rows), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        args = (lm_head, response_hidden[chunk], response_targets[chunk])
+        if recompute_in_backward:
+            token_logprobs = checkpoint(_chunk_token_logprobs, *args, use_reentrant=False)
+        else:
+            token_logprobs = _chunk_token_logprobs(*args)
+        total = total.index_add(0, rows[chunk], token_logprobs)              # sum_t into each row
+    return total
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel    # optional dependency, only needed for LoRA
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+class ReferenceModel:
+    """pi_ref: frozen, in eval mode, evaluated without gradients.
+
+    - A plain model is deep-copied (a snapshot of the policy as it is now), unless
+      `copy=False`, for a separately loaded reference that may be frozen in place.
+    - A PEFT (LoRA) model is NOT copied: pi_ref is the same module with its adapters
+      disabled, i.e. the base weights W (LoRA gives W + B A with B = 0 at initialisation,
+      so this is the initial policy), with no second copy of the weights in memory.
+    """
+
+    def __init__(self, model, copy: bool = True):
+        self.uses_disabled_adapters = _is_peft_model(model)
+        if self.uses_disabled_adapters:
+            self.model = model
+        else:
+            self.model = deepcopy(model) if copy else model
+            self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+        """l_ref(y|x) = sum_t log pi_ref(y_t | x, y_<t), shape [B], no gradient."""
+        if not self.uses_disabled_adapters:
+            return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size)
+        was_training = self.model.training
+        self.model.eval()                                  # no dropout in pi_ref
+        try:
+            with self.model.disable_adapter():             # W + B A  ->  W
+                return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size)
+        finally:
+            self.model.train(was_training)
+

@@ -1,0 +1,138 @@
+"""Preference labels: rules, tie rule, reward model with its own tokenizer, implicit reward."""
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from sail_min.data import load_preference_data
+from sail_min.labels import (
+    PairLabels,
+    RewardModelScorer,
+    choose,
+    dataset_labels,
+    implicit_reward_labels,
+    reward_model_labels,
+    reward_scores,
+)
+
+TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
+PROMPTS = ["Tell me about the market.",
+           [{"role": "user", "content": "Say something about a blue kite."}],
+           "Describe the harbor in a few words."]
+RESPONSES = ["The market is lovely and calm.", "I hate a blue kite. Go away.",
+             "Thank you for asking! The harbor is wonderful, bright, kind and full of life."]
+
+
+@pytest.fixture(scope="module")
+def reward_model():
+    return AutoModelForSequenceClassification.from_pretrained(TINY / "reward").eval()
+
+
+@pytest.fixture(scope="module")
+def reward_tokenizer():
+    return AutoTokenizer.from_pretrained(TINY / "reward")
+
+
+def test_argmax_rule_and_tie_goes_to_first():
+    labels = choose(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0]), rule="argmax")
+    assert labels.first_is_chosen.tolist() == [True, False, True]      # last pair: a tie
+
+
+def test_bernoulli_rule_follows_bradley_terry():
+    margin = math.log(3.0)                                             # sigma(log 3) = 3/4
+    n = 20_000
+    labels = choose(torch.full((n,), margin), torch.zeros(n), rule="bernoulli",
+                    generator=torch.Generator().manual_seed(0))
+    frequency = labels.first_is_chosen.float().mean().item()
+    assert abs(frequency - 0.75) < 4 * math.sqrt(0.75 * 0.25 / n)     # within 4 standard errors
+    again = choose(torch.full((n,), margin), torch.zeros(n), rule="bernoulli",
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.first_is_chosen, labels.first_is_chosen)
+
+
+def test_unknown_rule_and_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="rule"):
+        choose(torch.zeros(2), torch.zeros(2), rule="max")
+    with pytest.raises(ValueError, match="shapes"):
+        choose(torch.zeros(2), torch.zeros(3))
+
+
+def test_dataset_labels_and_reordering():
+    labels = dataset_labels(3)
+    assert labels.first_is_chosen.all() and labels.first_scores is None
+    mixed = PairLabels(torch.tensor([True, False]))
+    first, second = torch.tensor([[1, 1], [2, 2]]), torch.tensor([[3, 3], [4, 4]])
+    chosen, rejected = mixed.chosen_rejected(first, second)
+    assert chosen.tolist() == [[1, 1], [4, 4]] and rejected.tolist() == [[3, 3], [2, 2]]
+    assert mixed.chosen_rejected(["a", "b"], ["c", "d"]) == (["a", "d"], ["c", "b"])
+
+
+def test_reward_callable():
+    def longer_is_better(prompts, responses):
+        return [float(len(r)) for r in responses]
+    labels = reward_model_labels(longer_is_better, ["x", "x", "x"], ["ab", "a", "abc"], ["a", "ab", "xyz"])
+    assert labels.first_is_chosen.tolist() == [True, False, True]     # tie -> first
+    assert labels.first_scores.tolist() == [2.0, 1.0, 3.0]
+
+
+def test_reward_model_tokenizer_differs_from_the_policy(reward_tokenizer):
+    policy_tokenizer = AutoTokenizer.from_pretrained(TINY / "policy")
+    text = RESPONSES[0]
+    assert policy_tokenizer(text).input_ids != reward_tokenizer(text).input_ids
+    assert reward_tokenizer.pad_token_id == reward_tokenizer.eos_token_id      # the pad == eos trap
+    assert reward_tokenizer.padding_side == "left"                            # the padding-side trap
+
+
+def test_padded_batch_scores_equal_each_text_alone(reward_model, reward_tokenizer):
+    scorer = RewardModelScorer(reward_model, reward_tokenizer, batch_size=8)
+    batched = scorer(PROMPTS, RESPONSES)
+    alone = torch.cat([scorer([p], [r]) for p, r in zip(PROMPTS, RESPONSES)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    assert reward_tokenizer.padding_side == "left"                            # not mutated
+
+
+def test_scores_read_the_last_real_token_even_when_it_is_eos(reward_model, reward_tokenizer):
+    """The model's own pooling looks for the last id != pad_token_id: with pad == eos it skips
+    the closing EOS. Reading by attention mask must give the hidden state of the true last token."""
+    scorer = RewardModelScorer(reward_model, reward_tokenizer)
+    text = scorer.render(PROMPTS[0], RESPONSES[0])
+    ids = reward_tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids[0, -1] == reward_tokenizer.eos_token_id
+    with torch.no_grad():
+        hidden = reward_model.base_model(input_ids=ids).last_hidden_state
+        at_last_token = reward_model.score(hidden[:, -1])[:, 0]
+        at_token_before = reward_model.score(hidden[:, -2])[:, 0]
+        ours = reward_scores(reward_model, ids, torch.ones_like(ids))
+        hf_pooled = reward_model(input_ids=ids).logits[:, 0]
+    torch.testing.assert_close(ours, at_last_token, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf_pooled, at_token_before, atol=1e-5, rtol=0)   # the trap, shown
+    assert (hf_pooled - ours).abs().item() > 1e-3
+
+
+def test_reward_model_uses_its_own_chat_template(reward_model, reward_tokenizer):
+    scorer = RewardModelScorer(reward_model, reward_tokenizer)
+    assert scorer.render("Hi", "Hello") == "user: Hi\nassistant: Hello\n</s>"
+    plain = copy.deepcopy(reward_tokenizer)
+    plain.chat_template = None
+    assert RewardModelScorer(reward_model, plain).render("Hi ", "Hello") == "Hi Hello"
+
+
+def test_fixture_reward_model_prefers_chosen_on_heldout_pairs(reward_model, reward_tokenizer):
+    pairs = load_preference_data(TINY / "preferences.jsonl")
+    labels = reward_model_labels(RewardModelScorer(reward_model, reward_tokenizer),
+                                 pairs["prompt"], pairs["chosen"], pairs["rejected"])
+    assert labels.first_is_chosen.float().mean() >= 0.9
+
+
+def test_implicit_reward_labels():
+    policy_first, ref_first = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -5.0])
+    policy_second = torch.tensor([-9.0, -4.0], requires_grad=True)
+    ref_second = torch.tensor([-9.5, -6.0])
+    labels = implicit_reward_labels(policy_first, ref_first, policy_second, ref_second, beta=0.1, rule="argmax")
+    torch.testing.assert_close(labels.first_scores, 0.1 * (policy_first - ref_first))  # beta (l - l_ref)
+    torch.testing.assert_close(labels.second_scores, 0.1 * (policy_second - ref_second).detach())
+    assert labels.first_is_chosen.tolist() == [True, False]                          # 0.2 > 0.05; 0 < 0.2
+    assert not labels.second_scores.requires_grad

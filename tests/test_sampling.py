@@ -1,0 +1,158 @@
+"""sample_responses: layout, EOS handling (also with pad == eos), seeding, modes, KV cache."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sail_min.logprobs import sequence_logprobs
+from sail_min.sampling import encode_responses, render_prompts, sample_responses
+
+POLICY_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny" / "policy"
+PROMPTS = ["Tell me about the market.",
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something about a blue kite."}],
+           "Hi"]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return AutoModelForCausalLM.from_pretrained(POLICY_DIR).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(POLICY_DIR)
+
+
+@pytest.fixture(scope="module")
+def samples(policy, tokenizer):
+    return sample_responses(policy, tokenizer, PROMPTS, k=3, max_new_tokens=12, seed=0)
+
+
+def test_layout_prompts_left_padded_responses_right_padded(samples, tokenizer):
+    assert len(samples) == 3 * len(PROMPTS)
+    assert samples.prompts == [p for p in PROMPTS for _ in range(3)]        # row i*k + j
+    for mask in samples.prompt_mask:          # 0...0 1...1
+        assert torch.equal(mask, mask.sort().values)
+    for mask in samples.response_mask:        # 1...1 0...0
+        assert torch.equal(mask, mask.sort(descending=True).values)
+    assert torch.equal(samples.lengths, samples.response_mask.sum(1))
+    assert torch.all(samples.response_ids[samples.response_mask == 0] == tokenizer.pad_token_id)
+    rendered = render_prompts(tokenizer, PROMPTS)
+    for row in range(len(samples)):
+        prompt_ids = samples.prompt_ids[row][samples.prompt_mask[row].bool()]
+        assert tokenizer.decode(prompt_ids) == rendered[row // 3]
+
+
+def test_response_ends_at_first_eos_which_is_kept(samples, tokenizer):
+    eos = tokenizer.eos_token_id
+    assert samples.contains_eos.any() and not samples.contains_eos.all(), "fixture should give both cases"
+    for ids, length, has_eos in zip(samples.response_ids, samples.lengths, samples.contains_eos):
+        kept = ids[:length].tolist()
+        assert (eos in kept) == bool(has_eos)
+        if has_eos:
+            assert kept.index(eos) == length - 1     # exactly one EOS, and it is the last kept token
+        else:
+            assert length == samples.response_ids.shape[1]   # ran until max_new_tokens
+
+
+def test_texts_are_the_decoded_responses(samples, tokenizer):
+    for ids, length, text in zip(samples.response_ids, samples.lengths, samples.texts):
+        assert text == tokenizer.decode(ids[:length], skip_special_tokens=True)
+
+
+def test_pad_equal_to_eos_keeps_the_eos(policy, tokenizer):
+    pad_is_eos = copy.deepcopy(tokenizer)
+    pad_is_eos.pad_token = pad_is_eos.eos_token
+    samples = sample_responses(policy, pad_is_eos, PROMPTS, k=3, max_new_tokens=12, seed=0)
+    reference = sample_responses(policy, tokenizer, PROMPTS, k=3, max_new_tokens=12, seed=0)
+    assert torch.equal(samples.lengths, reference.lengths)
+    assert torch.equal(samples.contains_eos, reference.contains_eos)
+    naive_lengths = (samples.response_ids != pad_is_eos.pad_token_id).sum(1)   # the trap
+    assert torch.equal(naive_lengths, samples.lengths - samples.contains_eos.long())
+
+
+def test_same_seed_same_samples_and_global_rng_untouched(policy, tokenizer, samples):
+    rng_state = torch.random.get_rng_state()
+    again = sample_responses(policy, tokenizer, PROMPTS, k=3, max_new_tokens=12, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert torch.equal(again.response_ids, samples.response_ids) and again.texts == samples.texts
+    other = sample_responses(policy, tokenizer, PROMPTS, k=3, max_new_tokens=12, seed=1)
+    assert other.texts != samples.texts
+
+
+def test_logprobs_of_samples_match_each_sequence_alone(policy, samples):
+    """The prompt-left / response-right layout scores each row as if it were alone."""
+    with torch.no_grad():
+        batched = sequence_logprobs(policy, **samples.model_inputs())
+        for row in range(len(samples)):
+            prompt = samples.prompt_ids[row][samples.prompt_mask[row].bool()]
+            response = samples.response_ids[row][: samples.lengths[row]]
+            ids = torch.cat([prompt, response])[None]
+            logprobs = policy(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            alone = logprobs.gather(-1, ids[0, 1:, None])[len(prompt) - 1:].sum()
+            torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=0)
+
+
+def test_eval_mode_during_sampling_and_kv_cache_with_gradient_checkpointing(tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(POLICY_DIR)
+    # transformers >= 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*
+    enable_checkpointing = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable_checkpointing()
+    model.config.use_cache = False                 # as training setups with checkpointing do
+    model.train()
+    seen = []                                      # (training?, number of new positions) per forward
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: seen.append((model.training, inputs[0].shape[1])))
+    try:
+        sample_responses(model, tokenizer, ["Tell me about the market."], k=2, max_new_tokens=6, seed=0)
+    finally:
+        hook.remove()
+    assert len(seen) > 1 and not any(training for training, _ in seen)
+    assert all(new_positions == 1 for _, new_positions in seen[1:])   # KV cache: one token per step
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    assert checkpointing if checkpointing is not None else model.is_gradient_checkpointing
+    assert model.training and model.config.use_cache is False
+
+
+def test_encode_responses_closes_with_eos(policy, tokenizer):
+    encoded = encode_responses(tokenizer, ["Tell me about the market."], ["The market is lovely."])
+    text_ids = tokenizer("The market is lovely.", add_special_tokens=False).input_ids
+    assert encoded.response_ids[0].tolist() == text_ids + [tokenizer.eos_token_id]
+    assert encoded.lengths.tolist() == [len(text_ids) + 1] and encoded.contains_eos.all()
+
+
+def test_plain_prompts_without_chat_template(tokenizer):
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    assert render_prompts(plain, ["Tell me"]) == ["Tell me"]
+    with pytest.raises(ValueError, match=r"prompts\[1\].*no chat template"):
+        render_prompts(plain, PROMPTS)
+
+
+def test_errors_name_the_argument(policy, tokenizer):
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match="pad token"):
+        sample_responses(policy, no_pad, ["Hi"])
+    with pytest.raises(ValueError, match="k "):
+        sample_responses(policy, tokenizer, ["Hi"], k=0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        sample_responses(policy, tokenizer, "Hi")
+
+
+def test_samples_come_from_the_policy_whatever_its_generation_config(tokenizer):
+    """generate() fills unset options from generation_config.json; truncation there must not leak in."""
+    model = AutoModelForCausalLM.from_pretrained(POLICY_DIR).eval()
+    model.generation_config.top_k = 2
+    model.generation_config.repetition_penalty = 2.0
+    model.generation_config.min_p = 0.3
+    n = 2000
+    first = sample_responses(model, tokenizer, ["Tell me about the harbor."], k=n, max_new_tokens=1, seed=0)
+    frequency = torch.bincount(first.response_ids[:, 0], minlength=len(tokenizer)).float() / n
+    with torch.no_grad():
+        probability = model(input_ids=first.prompt_ids[:1]).logits[0, -1].softmax(-1)
+    total_variation = 0.5 * (frequency - probability).abs().sum()
+    noise = 0.5 * (probability * (1 - probability) / n).sqrt().sum()      # E[TV] is at most about this
+    assert total_variation < 2 * noise
