@@ -1,45 +1,116 @@
-"""Command line: `python -m sail_min [bandit|check] [--out DIR]`.
+"""Command line: `python -m sail_min [compare|train|bandit|check] ...`.
 
-  (no command)  the main job: for now the bandit comparison (offline DPO, online DPO,
-                SAIL-PR/PP/DP, public-code mode, response-term sweep), table + PNG + JSON
-  bandit        the same bandit comparison, explicitly
+  (no command)  the main job = `compare`: offline DPO, online DPO, SAIL-PR, SAIL-PP, SAIL-DP on the
+                sentiment toy task (tiny local model, VADER judge), several seeds; table,
+                results.json, per-step metrics and PNG plots in --out (`--quick` for CI)
+  train         one run of a preset on the toy task (`accelerate launch -m sail_min train ...` for
+                several processes); `--resume` continues from the run's last checkpoint
+  bandit        the exactly solvable bandit comparison (notebook 02)
   check         verify the derivation numerically; exits 1 if the max relative error > 1e-8
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sail_min", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="bandit", choices=["bandit", "check"])
-    parser.add_argument("--out", default="outputs", help="folder for results (default: outputs)")
-    parser.add_argument("--seeds", type=int, default=5, help="runs per method (bandit, default 5)")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps (bandit, default 1000)")
-    args = parser.parse_args(argv)
+def _compare(args) -> int:
+    from .compare import QUICK, ComparisonSetup, format_table, run_comparison, write_results
 
-    if args.command == "check":
-        from .check import main as check_main
-        return check_main()
+    setup = dataclasses.replace(QUICK if args.quick else ComparisonSetup(),
+                                **({"seeds": args.seeds} if args.seeds else {}))
+    start = time.perf_counter()
+    results = run_comparison(setup, args.out, progress=not args.quick)
+    print(format_table(results))
+    paths = write_results(results, args.out)
+    print(f"wrote {', '.join(map(str, paths))} and per-run metrics.jsonl under {args.out} "
+          f"in {time.perf_counter() - start:.0f} s")
+    return 0
 
-    if args.seeds < 1 or args.steps < 1:
-        parser.error(f"--seeds and --steps must be >= 1, got {args.seeds} and {args.steps}")
+
+def _train(args) -> int:
+    import torch
+
+    from .config import SAILConfig
+    from .tasks.sentiment import load_base_model, load_sentiment_task
+    from .train import Task, train
+
+    torch.set_num_threads(args.threads)
+    overrides = {"steps": args.steps, "seed": args.seed, "output_dir": args.out}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        field = {f.name: f for f in dataclasses.fields(SAILConfig)}.get(key)
+        if field is None or not value:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field")
+        kind = type(getattr(SAILConfig(), key))
+        overrides[key] = value if kind is str else kind(value)
+    config = SAILConfig.preset(args.preset, **overrides)
+    sentiment = load_sentiment_task()
+    task = Task(sentiment.preferences(), sentiment.train_prompts, sentiment.eval_prompts,
+                sentiment.judge, sentiment.bt_temperature)
+    policy, tokenizer = load_base_model(sentiment.base_model_path)
+    history = train(config, policy, tokenizer, task, resume=args.resume)
+    if history:
+        last = [h for h in history if "eval/judge_reward" in h][-1]
+        print(f"step {last['step'] + 1}: judge reward {last['eval/judge_reward']:.3f}, "
+              f"win rate {last['eval/win_rate']:.3f}, KL {last['eval/kl']:.2f}")
+    return 0
+
+
+def _bandit(args) -> int:
     import torch
 
     from .experiments import BanditSetup, format_table, run_bandit_comparison, write_results
 
     torch.set_num_threads(1)  # tensors of a few hundred numbers: extra threads only add overhead
-
     start = time.perf_counter()
-    setup = BanditSetup(n_seeds=args.seeds, steps=args.steps)
-    results = run_bandit_comparison(setup, progress=lambda name: print(f"  trained {name}", flush=True))
+    results = run_bandit_comparison(BanditSetup(n_seeds=args.seeds, steps=args.steps))
     print(format_table(results))
     json_path, png_path = write_results(results, args.out)
     print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sail_min", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+
+    compare = commands.add_parser("compare", help="the main job (default)")
+    compare.add_argument("--out", default="outputs/compare", help="output folder (default: outputs/compare)")
+    compare.add_argument("--quick", action="store_true", help="a CI-sized run: fewer steps, seeds, prompts")
+    compare.add_argument("--seeds", type=int, default=None, help="runs per method (default 3, quick 2)")
+
+    one = commands.add_parser("train", help="one run of a preset on the toy task")
+    one.add_argument("--preset", default="sail-pr", help="offline-dpo, online-dpo, sail-pr, sail-pp, sail-dp")
+    one.add_argument("--steps", type=int, default=42)
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--out", default="outputs/train", help="output folder (metrics, checkpoint)")
+    one.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    one.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    one.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a SAILConfig field")
+
+    bandit = commands.add_parser("bandit", help="the bandit comparison (notebook 02)")
+    bandit.add_argument("--out", default="outputs/bandit", help="output folder (default: outputs/bandit)")
+    bandit.add_argument("--seeds", type=int, default=5, help="runs per method (default 5)")
+    bandit.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+
+    commands.add_parser("check", help="verify the derivation numerically")
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["compare", *argv]                             # bare `python -m sail_min [--quick ...]`
+    args = parser.parse_args(argv)
+    for name in ("seeds", "steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.command == "check":
+        from .check import main as check_main
+        return check_main()
+    return {"compare": _compare, "train": _train, "bandit": _bandit}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,18 @@ def test_bandit_comparison_writes_table_json_and_png(tmp_path):
     assert (tmp_path / "bandit_comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_main_job_quick_writes_table_results_metrics_and_plots(tmp_path):
+    proc = run("--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp", "judge reward", "win rate"):
+        assert name in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == {"offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp"}
+    assert len(results["methods"]["sail-pr"]["runs"]) == 2
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "sail-dp" / "seed1" / "metrics.jsonl").exists()
+
+
 def test_bad_arguments_are_rejected_with_a_message():
     proc = run("bandit", "--seeds", "0")
     assert proc.returncode == 2 and "--seeds" in proc.stderr

@@ -216,6 +216,9 @@ def load_base_model(path: str | Path | None = None):
     top_k 0, top_p 1, max_new_tokens 24).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: import lazily
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # no "Loading weights" bar on stderr: notebooks compare it
 
     path = Path(path) if path is not None else DEFAULT_ROOT / "base"
     if not (path / "config.json").is_file():

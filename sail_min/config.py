@@ -1,0 +1,98 @@
+"""SAILConfig: every knob of a training run, one docstring each, and the named presets.
+
+The routing and coefficient fields come from ``objective.Recipe`` (SAILConfig extends it), so
+the bandit and the language-model loop share one definition of what each variant is.
+Presets (``SAILConfig.preset(name, **overrides)``) follow the public SAIL code's defaults
+(configs/tasks.yaml) where they apply: SAIL-DP r=0.4 rho=0.2, SAIL-PP p=0.3 pi=0.2,
+SAIL-PR g=0.3 gamma=0.3, the rest of the pairs offline DPO; beta=0.1. The public code used
+RMSprop at lr 1e-5 with LoRA on 0.5-8B models; the tiny toy model here trains from scratch
+weights and uses AdamW at a larger lr.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .objective import BASELINES, PRESETS, Recipe
+
+
+@dataclass(frozen=True)
+class SAILConfig(Recipe):
+    """A training run. Invalid values fail here, at construction, with the field's name."""
+
+    beta: float = 0.1
+    """KL coefficient beta of the implicit reward beta * (l_theta - l_ref)"""
+    baseline: str = "loo"
+    """response-term baseline: "loo" (leave-one-out batch mean of the pair loss) or "none\""""
+    optimizer: str = "adamw"
+    """"adamw" or "rmsprop" (the public code's choice)"""
+    lr: float = 5e-4
+    """learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm (0 = off)"""
+    steps: int = 60
+    """optimiser steps"""
+    pairs_per_step: int = 16
+    """preference pairs per optimiser step, all routes together (per process)"""
+    samples_per_prompt: int = 2
+    """k responses sampled per prompt for online pairs (the first two form the pair)"""
+    max_new_tokens: int = 24
+    """generation length limit; responses cut here have no EOS (logged as contains_eos)"""
+    temperature: float = 1.0
+    """sampling temperature for online pairs (1 = sample pi_theta itself)"""
+    max_prompt_tokens: int = 32
+    """prompts longer than this are truncated from the left (counted in the metrics)"""
+    eval_every: int = 20
+    """evaluate every this many steps (and at the end)"""
+    eval_prompts: int = 64
+    """held-out prompts used for judge reward, win rate and KL"""
+    checkpoint_every: int = 20
+    """save a resumable checkpoint every this many steps (0 = only at the end)"""
+    seed: int = 0
+    """seed of every random choice: routing, data order, sampling, evaluation"""
+    output_dir: str = "outputs/run"
+    """folder for metrics.jsonl, checkpoints and the final model"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive = {"beta": self.beta, "lr": self.lr, "temperature": self.temperature}
+        for name, value in positive.items():
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        at_least_one = {"steps": self.steps, "pairs_per_step": self.pairs_per_step,
+                        "max_new_tokens": self.max_new_tokens, "max_prompt_tokens": self.max_prompt_tokens,
+                        "eval_every": self.eval_every, "eval_prompts": self.eval_prompts}
+        for name, value in at_least_one.items():
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 2):
+            raise ValueError(f"samples_per_prompt must be an integer >= 2, got {self.samples_per_prompt!r}")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
+            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay}, {self.max_grad_norm}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.optimizer not in ("adamw", "rmsprop"):
+            raise ValueError(f"optimizer must be 'adamw' or 'rmsprop', got {self.optimizer!r}")
+
+    @property
+    def recipe(self) -> Recipe:
+        """The routing and coefficient part alone."""
+        return Recipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Recipe)})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SAILConfig":
+        """A named preset ("offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp") with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown SAILConfig field(s) {unknown}")
+        return cls(**{**dataclasses.asdict(PRESETS[name]), **overrides})
+
+    def replace(self, **changes) -> "SAILConfig":
+        return dataclasses.replace(self, **changes)

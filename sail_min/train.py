@@ -1,0 +1,313 @@
+r"""The SAIL training loop: route -> sample -> label -> loss -> step, on any device.
+
+One optimiser step (``train``, the loop body):
+
+  1. route    each of the ``pairs_per_step`` pairs to dpo / dp / pp / pr (``objective.ROUTES``)
+              with the config's routing probabilities;
+  2. sample   dataset pairs for dpo/dp; for pp/pr, k fresh samples of the CURRENT policy per
+              prompt (nothing is buffered or reused: every online pair is on-policy);
+  3. score    l_theta and l_ref of both responses of every pair (``sail_min.logprobs``);
+  4. label    dpo: the dataset; dp/pp: the policy's implicit reward, P(y1 > y2) = sig(z);
+              pr: the judge / reward model (Bradley-Terry at the task's temperature);
+  5. loss     ``objective.sail_loss`` with per-pair coefficients from the route;
+  6. step     gradients averaged over processes, clipped, applied; a non-finite loss or
+              gradient skips the step (weights untouched), warns and is counted.
+
+Every random choice of step t is seeded by (seed, t, process), so a run resumed from a
+checkpoint draws exactly what the uninterrupted run would have drawn. Metrics go to
+``output_dir/metrics.jsonl``, one line per step; evaluation lines carry ``eval/*`` keys.
+
+Multi-process (``accelerate launch``): each process draws its own pairs; gradients are
+averaged explicitly with ``accelerator.reduce`` (no DDP wrapper, because the log-prob code
+calls the model's decoder directly); process 0 evaluates, logs and checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .config import SAILConfig
+from .labels import implicit_reward_labels, reward_model_labels
+from .logprobs import ReferenceModel, sequence_logprobs
+from .objective import ROUTES, sail_loss
+from .sampling import encode_responses, sample_responses
+
+
+@dataclass
+class Task:
+    """What a run learns from, besides the model and the config."""
+
+    preferences: Sequence[dict]
+    """offline pairs {"prompt", "chosen", "rejected"} for dpo/dp routes (validated by ``sail_min.data``)"""
+    train_prompts: Sequence
+    """prompts for online (pp/pr) pairs"""
+    eval_prompts: Sequence
+    """held-out prompts for the judge reward, win rate and KL"""
+    judge: Callable
+    """(prompts, responses) -> scores: labels pr pairs, scores evaluation samples"""
+    judge_temperature: float | None = None
+    """Bradley-Terry temperature of judge labels, P(y1 > y2) = sig((s1 - s2) / T); None = argmax"""
+
+
+# --------------------------------------------------------------------------------------
+# small pieces of the loop
+# --------------------------------------------------------------------------------------
+def step_seed(seed: int, step: int, process: int, purpose: str) -> int:
+    """A 63-bit seed that depends only on (seed, step, process, purpose)."""
+    return random.Random(f"{seed}/{step}/{process}/{purpose}").getrandbits(63)
+
+
+def truncate_prompts_left(tokenizer, prompts: Sequence, max_tokens: int) -> tuple[list, int]:
+    """Keep the last ``max_tokens`` tokens of every plain-text prompt; return (prompts, how many cut)."""
+    out, cut = [], 0
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = tokenizer(prompt, add_special_tokens=False).input_ids
+            if len(ids) > max_tokens:
+                prompt, cut = tokenizer.decode(ids[-max_tokens:]), cut + 1
+        out.append(prompt)
+    return out, cut
+
+
+def _logps(policy, reference: ReferenceModel, responses) -> tuple[torch.Tensor, torch.Tensor]:
+    """(l_theta, l_ref) of every row, l_theta with gradient."""
+    inputs = {k: v.to(next(policy.parameters()).device) for k, v in responses.model_inputs().items()}
+    return sequence_logprobs(policy, **inputs), reference.logprobs(**inputs)
+
+
+def _judge_labels(task: Task, prompts, first_texts, second_texts, generator):
+    temperature = task.judge_temperature
+    score = task.judge if temperature is None else (
+        lambda p, r: torch.as_tensor(task.judge(p, r), dtype=torch.float32) / temperature)
+    return reward_model_labels(score, prompts, first_texts, second_texts,
+                               rule="argmax" if temperature is None else "bernoulli", generator=generator)
+
+
+@torch.no_grad()
+def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig,
+             reference_scores: torch.Tensor) -> dict:
+    """Judge reward, win rate vs the reference's samples and KL(pi || pi_ref) on held-out prompts.
+
+    KL is the Monte-Carlo estimate E_{y ~ pi}[l_theta(y|x) - l_ref(y|x)] on one sample per prompt;
+    win rate counts ties as 1/2. Sampling uses a fixed seed, so steps are comparable.
+    """
+    prompts = list(task.eval_prompts[: config.eval_prompts])
+    samples = sample_responses(policy, tokenizer, prompts, k=1, max_new_tokens=config.max_new_tokens,
+                               temperature=config.temperature, seed=step_seed(config.seed, -1, 0, "eval"))
+    scores = torch.as_tensor(task.judge(prompts, samples.texts), dtype=torch.float32)
+    was_training = policy.training
+    policy.eval()
+    policy_logps, ref_logps = _logps(policy, reference, samples)
+    policy.train(was_training)
+    wins = (scores > reference_scores).float() + 0.5 * (scores == reference_scores).float()
+    return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
+            "eval/win_rate": wins.mean().item(), "eval/kl": (policy_logps - ref_logps).mean().item(),
+            "eval/response_length": samples.lengths.float().mean().item(),
+            "eval/contains_eos": samples.contains_eos.float().mean().item()}
+
+
+def _save_checkpoint(path: Path, policy, optimizer, next_step: int, counters: dict) -> None:
+    """Atomic: a run killed while saving keeps its previous checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                "next_step": next_step, "counters": counters}, tmp)
+    os.replace(tmp, path)
+
+
+def _make_optimizer(config: SAILConfig, params):
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = False,
+          accelerator: Accelerator | None = None, progress: bool = True) -> list[dict]:
+    """Train ``policy`` in place with the SAIL surrogate; return the metrics of every step.
+
+    The reference policy is a frozen copy of ``policy`` as passed in (or, for a PEFT model,
+    the same weights with adapters disabled). With ``resume=True`` the run continues from
+    ``output_dir/checkpoint.pt`` and ends with the same metrics as an uninterrupted run.
+    """
+    accelerator = accelerator or Accelerator()
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    out = Path(config.output_dir)
+    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    if config.route_dpo + config.route_dp > 0 and len(task.preferences) == 0:
+        raise ValueError("the config routes pairs to the dataset, but task.preferences is empty")
+    if config.route_pp + config.route_pr > 0 and len(task.train_prompts) == 0:
+        raise ValueError("the config samples online pairs, but task.train_prompts is empty")
+
+    policy.to(accelerator.device).train()
+    reference = ReferenceModel(policy)                       # pi_ref = the policy as it starts
+    optimizer = _make_optimizer(config, [p for p in policy.parameters() if p.requires_grad])
+    counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
+    start = 0
+    if resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=accelerator.device, weights_only=False)
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, counters = state["next_step"], state["counters"]
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if json.loads(line)["step"] < start] if (resume and metrics_path.exists()) else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if main else []
+
+    eval_prompts = list(task.eval_prompts[: config.eval_prompts])
+    ref_samples = sample_responses(reference.model, tokenizer, eval_prompts, k=1,
+                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                   seed=step_seed(config.seed, -2, 0, "eval-reference"))
+    reference_scores = torch.as_tensor(task.judge(eval_prompts, ref_samples.texts), dtype=torch.float32)
+
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (progress and main),
+               desc=f"train {config.output_dir}")
+    for step in bar:
+        rng = random.Random(step_seed(config.seed, step, rank, "data"))
+        label_gen = torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels"))
+        t0 = time.perf_counter()
+
+        # 1-2. route every pair, then gather its responses -------------------------------
+        routes = rng.choices(range(len(ROUTES)), weights=config.route_probs, k=config.pairs_per_step)
+        n_data = sum(r in (0, 1) for r in routes)
+        data_routes = [r for r in routes if r in (0, 1)]
+        online_routes = [r for r in routes if r in (2, 3)]
+        rows = [task.preferences[rng.randrange(len(task.preferences))] for _ in range(n_data)]
+        online_prompts = [task.train_prompts[rng.randrange(len(task.train_prompts))] for _ in online_routes]
+        data_prompts, cut_a = truncate_prompts_left(tokenizer, [r["prompt"] for r in rows], config.max_prompt_tokens)
+        online_prompts, cut_b = truncate_prompts_left(tokenizer, online_prompts, config.max_prompt_tokens)
+        counters["truncated_prompts"] += cut_a + cut_b
+        online = None
+        if online_routes:
+            online = sample_responses(policy, tokenizer, online_prompts, k=config.samples_per_prompt,
+                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                      seed=step_seed(config.seed, step, rank, "sample"))
+        t_generate = time.perf_counter() - t0
+
+        # 3. sequence log-probs of both responses of every pair ------------------------
+        t1 = time.perf_counter()
+        first, second, route_ids = [], [], []            # (l_theta, l_ref) of y1 and y2, per group
+        if rows:
+            pairs = encode_responses(tokenizer, data_prompts + data_prompts,
+                                     [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+            pol, ref = _logps(policy, reference, pairs)
+            first.append((pol[:n_data], ref[:n_data]))
+            second.append((pol[n_data:], ref[n_data:]))
+            route_ids += data_routes
+        if online is not None:
+            k = config.samples_per_prompt
+            pol, ref = _logps(policy, reference, online)
+            first.append((pol[0::k], ref[0::k]))
+            second.append((pol[1::k], ref[1::k]))
+            route_ids += online_routes
+        pol1, ref1 = (torch.cat(t) for t in zip(*first))
+        pol2, ref2 = (torch.cat(t) for t in zip(*second))
+        route_ids = torch.tensor(route_ids)
+
+        # 4. labels: which of (y1, y2) is chosen --------------------------------------
+        first_is_chosen = torch.ones(len(route_ids), dtype=torch.bool)          # dpo: the dataset's
+        self_labels = implicit_reward_labels(pol1, ref1, pol2, ref2, config.beta, "bernoulli", label_gen)
+        by_policy = (route_ids == 1) | (route_ids == 2)                          # dp, pp
+        first_is_chosen[by_policy] = self_labels.first_is_chosen[by_policy]
+        by_judge = (route_ids == 3).nonzero().flatten().tolist()                 # pr
+        if by_judge:
+            offset = n_data
+            idx = [i - offset for i in by_judge]
+            judged = _judge_labels(task, [online_prompts[i] for i in idx],
+                                   [online.texts[i * config.samples_per_prompt] for i in idx],
+                                   [online.texts[i * config.samples_per_prompt + 1] for i in idx], label_gen)
+            first_is_chosen[by_judge] = judged.first_is_chosen
+            counters["judge_queries"] += 2 * len(by_judge)
+        t_label = time.perf_counter() - t1
+
+        # 5. the SAIL surrogate ---------------------------------------------------------
+        pick = first_is_chosen.to(pol1.device)
+        chosen_pol, rejected_pol = torch.where(pick, pol1, pol2), torch.where(pick, pol2, pol1)
+        chosen_ref, rejected_ref = torch.where(pick, ref1, ref2), torch.where(pick, ref2, ref1)
+        response_coef, label_coef = config.recipe.coefficients(route_ids)
+        out_loss = sail_loss(chosen_pol, rejected_pol, chosen_ref, rejected_ref, config.beta,
+                             response_coef=response_coef.to(pol1.device), label_coef=label_coef.to(pol1.device),
+                             response_mode=config.response_mode, baseline=config.baseline)
+
+        # 6. step, unless something is not finite (on any process) ---------------------
+        optimizer.zero_grad(set_to_none=True)
+        finite = torch.isfinite(out_loss.loss)
+        if finite:
+            out_loss.loss.backward()
+            for p in policy.parameters():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            finite = all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+        finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
+                      == accelerator.num_processes)
+        if finite:
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            optimizer.step()
+        else:
+            counters["skipped_steps"] += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped "
+                          f"({counters['skipped_steps']} so far)", RuntimeWarning)
+        t_train = time.perf_counter() - t1 - t_label
+
+        # 7. metrics, evaluation, checkpoint ----------------------------------------------
+        if not main:
+            continue
+        z = out_loss.z.cpu()
+        tokens = sum(int(g.response_mask.sum()) for g in ([pairs] if rows else []) + ([online] if online else []))
+        record = {
+            "step": step, "loss": out_loss.loss.item(),
+            "loss/dpo": out_loss.dpo.mean().item(),
+            "loss/response": _masked_mean(out_loss.response, response_coef > 0),
+            "loss/label": _masked_mean(out_loss.label, label_coef > 0),
+            "rewards/chosen": (config.beta * (chosen_pol - chosen_ref)).mean().item(),
+            "rewards/rejected": (config.beta * (rejected_pol - rejected_ref)).mean().item(),
+            "rewards/margins": z.mean().item(), "rewards/accuracies": (z > 0).float().mean().item(),
+            **{f"pairs/{name}": sum(r == i for r in routes) for i, name in enumerate(ROUTES)},
+            "online/response_length": online.lengths.float().mean().item() if online else None,
+            "online/contains_eos": online.contains_eos.float().mean().item() if online else None,
+            "time/generate": t_generate, "time/label": t_label, "time/train": t_train,
+            "tokens_per_second": tokens / max(t_train + t_label, 1e-9),
+            **counters,
+        }
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            record.update(evaluate(policy, reference, tokenizer, task, config, reference_scores))
+            bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
+        history.append(record)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
+            _save_checkpoint(checkpoint_path, policy, optimizer, step + 1, counters)
+    accelerator.wait_for_everyone()
+    _check_in_sync(policy, accelerator)
+    return history
+
+
+def _check_in_sync(policy, accelerator: Accelerator) -> None:
+    """Every process must end with the same weights (gradients were averaged across them)."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in policy.parameters()]).sum().reshape(1)
+    gathered = accelerator.gather(checksum)
+    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=1e-6, atol=1e-9):
+        raise RuntimeError(f"processes ended with different weights: checksums {gathered.tolist()}")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean over the pairs where a term applies (None when it applies to none)."""
+    mask = mask.to(values.device)
+    return values[mask].mean().item() if mask.any() else None
