@@ -123,8 +123,8 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 class RewardModelScorer:
     """Callable (prompts, responses) -> scores [N] for a sequence-classification reward model.
 
-    Responses are plain text (decode the policy's ids first); they are re-tokenised with the
-    reward model's own tokenizer, right-padded, in batches of `batch_size`.
+    Responses are text (decode the policy's ids first), re-tokenised with the reward model's own
+    tokenizer, right-padded, in batches of `batch_size`. The model is put in eval mode.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 32):
@@ -135,15 +135,17 @@ class RewardModelScorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
 
-    def render(self, prompt: Prompt, response: str) -> str:
-        """The text the reward model reads: its chat template over (user: x, assistant: y)."""
+    def render(self, prompt: Prompt, response: str | list[dict]) -> str:
+        """The text the reward model reads: its chat template over (user: x, assistant: y).
+
+        Prompts and responses are text or message lists (conversational data)."""
         if self.tokenizer.chat_template is not None:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            messages = messages + [{"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        if not isinstance(prompt, str):
-            raise ValueError("reward tokenizer has no chat template, so prompts must be plain "
-                             "strings, got a message list")
+            answer = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
+            return self.tokenizer.apply_chat_template(messages + answer, tokenize=False)
+        if not (isinstance(prompt, str) and isinstance(response, str)):
+            raise ValueError("reward tokenizer has no chat template, so prompts and responses must be "
+                             "plain strings, got a message list")
         return prompt + response
 
     @torch.no_grad()

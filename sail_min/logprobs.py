@@ -34,6 +34,7 @@ left-padded row gets exactly the positions it would have alone (as in `generate`
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 
 import torch
@@ -119,6 +120,18 @@ class ReferenceModel:
         else:
             self.model = deepcopy(model) if copy else model
             self.model.eval().requires_grad_(False)
+
+    @contextmanager
+    def as_module(self):
+        """pi_ref as a plain module, e.g. to sample from it: ``with ref.as_module() as m: ...``.
+        For a PEFT model the adapters are disabled inside the block (and eval mode is kept)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter() if self.uses_disabled_adapters else nullcontext():
+                yield self.model
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -168,13 +168,24 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
         contains_eos=contains_eos, lengths=response_mask.sum(dim=1))
 
 
-def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str]) -> Responses:
-    """Given (prompt, response text) rows, e.g. a dataset's chosen answers, in the same layout
-    as sampled ones: the response is tokenised on its own and closed with the EOS token."""
+def _response_text(response, index: int) -> str:
+    """A response as text: a string, or a conversational dataset's [one assistant message]."""
+    if isinstance(response, str):
+        return response
+    if len(response) == 1 and response[0].get("role") == "assistant":
+        return response[0]["content"]
+    raise ValueError(f"responses[{index}] must be text or a list of one assistant message")
+
+
+def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence) -> Responses:
+    """Given (prompt, response) rows, e.g. a dataset's chosen answers, in the same layout as
+    sampled ones (CPU tensors): the response is tokenised on its own and closed with the EOS.
+    Responses are text, or [{"role": "assistant", "content": ...}] as in conversational data."""
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses differ in length: {len(prompts)} vs {len(responses)}")
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no EOS token to close the responses with")
+    responses = [_response_text(response, i) for i, response in enumerate(responses)]
     batch = _tokenize_prompts(tokenizer, prompts)
     response_token_lists = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                             for text in responses]

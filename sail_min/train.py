@@ -169,9 +169,10 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if main else []
 
     eval_prompts = list(task.eval_prompts[: config.eval_prompts])
-    ref_samples = sample_responses(reference.model, tokenizer, eval_prompts, k=1,
-                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                   seed=step_seed(config.seed, -2, 0, "eval-reference"))
+    with reference.as_module() as reference_module:
+        ref_samples = sample_responses(reference_module, tokenizer, eval_prompts, k=1,
+                                       max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                       seed=step_seed(config.seed, -2, 0, "eval-reference"))
     reference_scores = torch.as_tensor(task.judge(eval_prompts, ref_samples.texts), dtype=torch.float32)
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (progress and main),

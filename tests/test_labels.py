@@ -136,3 +136,9 @@ def test_implicit_reward_labels():
     torch.testing.assert_close(labels.second_scores, 0.1 * (policy_second - ref_second).detach())
     assert labels.first_is_chosen.tolist() == [True, False]                          # 0.2 > 0.05; 0 < 0.2
     assert not labels.second_scores.requires_grad
+
+
+def test_conversational_rows_score_like_plain_ones(reward_model, reward_tokenizer):
+    scorer = RewardModelScorer(reward_model, reward_tokenizer)
+    as_messages = scorer([[{"role": "user", "content": PROMPTS[0]}]], [[{"role": "assistant", "content": RESPONSES[0]}]])
+    torch.testing.assert_close(as_messages, scorer([PROMPTS[0]], [RESPONSES[0]]))

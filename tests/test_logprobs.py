@@ -111,9 +111,9 @@ def test_bad_masks_are_named(policy):
         sequence_logprobs(policy, ids, attention, torch.ones_like(response))
 
 
-def test_reference_model_is_a_frozen_snapshot(policy):
+def test_reference_model_is_a_frozen_snapshot():
     ids, attention, response = padded_batch(ROWS, "mixed")
-    policy.train()
+    policy = AutoModelForCausalLM.from_pretrained(POLICY_DIR).train()   # its own copy: it gets trained
     reference = ReferenceModel(policy)
     assert reference.model is not policy and not reference.model.training
     assert not any(p.requires_grad for p in reference.model.parameters())
@@ -156,3 +156,11 @@ def test_lora_reference_is_the_base_model_without_a_copy():
     with torch.no_grad():
         adapted = sequence_logprobs(policy, ids, attention, response)
     assert (adapted - base_logprobs).abs().max() > 1e-2   # the adapters are back on afterwards
+    policy.train()
+    with reference.as_module() as module, torch.no_grad():  # e.g. to sample from pi_ref
+        torch.testing.assert_close(sequence_logprobs(module, ids, attention, response), base_logprobs,
+                                   atol=1e-5, rtol=0)
+        assert not module.training
+    assert policy.training
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logprobs(policy.eval(), ids, attention, response), adapted)

@@ -156,3 +156,12 @@ def test_samples_come_from_the_policy_whatever_its_generation_config(tokenizer):
     total_variation = 0.5 * (frequency - probability).abs().sum()
     noise = 0.5 * (probability * (1 - probability) / n).sqrt().sum()      # E[TV] is at most about this
     assert total_variation < 2 * noise
+
+
+def test_encode_responses_accepts_conversational_rows(tokenizer):
+    prompt = [{"role": "user", "content": "Tell me about the market."}]
+    as_messages = encode_responses(tokenizer, [prompt], [[{"role": "assistant", "content": "Lovely."}]])
+    as_text = encode_responses(tokenizer, ["Tell me about the market."], ["Lovely."])
+    assert torch.equal(as_messages.model_inputs()["input_ids"], as_text.model_inputs()["input_ids"])
+    with pytest.raises(ValueError, match=r"responses\[0\]"):
+        encode_responses(tokenizer, [prompt], [[{"role": "user", "content": "Lovely."}]])
