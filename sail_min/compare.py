@@ -4,11 +4,15 @@ Every method starts from the same tiny base policy (``data/sentiment/base``), ta
 number of steps with the same number of pairs per step, and is scored by the same third-party
 judge (VADER) on held-out prompts, for several seeds. Judge budget: the offline dataset holds
 ``steps * pairs_per_step`` pairs at the default setup (672 = 42 x 16), so building it cost as
-many judge queries (2 per pair) as online DPO spends labelling its own samples; the table
-reports each method's total (dataset construction counted for methods that read the dataset).
+many judge queries (2 per pair) as online DPO spends labelling its own samples. A method that
+mixes dataset pairs with judge-labelled online pairs (SAIL-PR) gets only the first
+``dataset_pairs - E[online judge pairs]`` dataset pairs, so that every method spends the same
+expected judge budget; the table reports each method's actual total (dataset construction
+included).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -74,8 +78,9 @@ def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = Tru
                                        eval_every=setup.eval_every, eval_prompts=setup.eval_prompts,
                                        lr=setup.lr, beta=setup.beta, seed=seed,
                                        output_dir=str(out / name / f"seed{seed}"), **overrides)
+            run_task = _equal_judge_budget(task, config)
             start = time.perf_counter()
-            history = train(config, policy, tokenizer, task, progress=progress)
+            history = train(config, policy, tokenizer, run_task, progress=progress)
             seconds = time.perf_counter() - start
             final = history[-1]
             reads_dataset = config.route_dpo + config.route_dp > 0
@@ -83,7 +88,8 @@ def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = Tru
                 "seed": seed, "seconds": seconds,
                 "judge_reward": final["eval/judge_reward"], "win_rate": final["eval/win_rate"],
                 "kl": final["eval/kl"], "response_length": final["eval/response_length"],
-                "judge_queries": final["judge_queries"] + (2 * len(task.preferences) if reads_dataset else 0),
+                "judge_queries": final["judge_queries"] + (2 * len(run_task.preferences) if reads_dataset else 0),
+                "dataset_pairs": len(run_task.preferences) if reads_dataset else 0,
                 "skipped_steps": final["skipped_steps"],
                 "curve": [(h["step"] + 1, h["eval/judge_reward"], h["eval/kl"]) for h in history
                           if "eval/judge_reward" in h],
@@ -91,6 +97,15 @@ def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = Tru
         results["methods"][name] = {"config": asdict(config), "runs": runs}
     results["base_judge_reward"] = _base_reward(task, setup)
     return results
+
+
+def _equal_judge_budget(task: Task, config: SAILConfig) -> Task:
+    """Trim the dataset by the expected number of judge-labelled online pairs (2 queries each)."""
+    if config.route_pr == 0 or config.route_dpo + config.route_dp == 0:
+        return task
+    online_pairs = round(config.route_pr * config.steps * config.pairs_per_step)
+    keep = max(1, len(task.preferences) - online_pairs)
+    return dataclasses.replace(task, preferences=task.preferences[:keep])
 
 
 def _base_reward(task: Task, setup: ComparisonSetup) -> float:

@@ -41,7 +41,7 @@ Prompt = str | list[dict]
 # instruct models often truncates or reshapes the distribution (top_k, top_p, repetition
 # penalty, ...). Set them all to their neutral values so that y ~ pi_theta exactly.
 UNTRUNCATED = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                   repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0, min_new_tokens=0)
+                   repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # min_new_tokens overrides min_length
 
 
 @dataclass

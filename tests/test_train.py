@@ -148,3 +148,20 @@ def test_two_processes_on_cpu_stay_in_sync(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 2: judge reward" in proc.stdout
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_empty_responses_train_without_errors(sentiment, tmp_path):
+    """A policy that ends every response at once: responses are a lone EOS, texts are empty."""
+    policy, tokenizer = load_base_model()
+    eos = tokenizer.eos_token_id
+
+    def eos_first(module, inputs, logits):
+        return logits.index_add(-1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), 100.0))
+
+    policy.get_output_embeddings().register_forward_hook(eos_first)
+    config = SAILConfig.preset("sail-pp", **SMALL, route_dpo=0.0, route_pp=0.5, route_pr=0.5,
+                               pr_response_coef=0.3, output_dir=str(tmp_path))
+    history = train(config, policy, tokenizer, make_task(sentiment), progress=False)
+    assert all(h["online/response_length"] == 1.0 and h["online/contains_eos"] == 1.0 for h in history)
+    assert history[-1]["eval/response_length"] == 1.0
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history) and history[-1]["skipped_steps"] == 0
