@@ -49,7 +49,9 @@ class ComparisonSetup:
     beta: float = 0.1
     """KL coefficient"""
     threads: int = 1
-    """torch CPU threads: one is fastest for this 0.35M-parameter model"""
+    """torch CPU threads: one is fastest for this 0.35M-parameter model (None: leave torch's setting)"""
+    config_overrides: dict = field(default_factory=dict)
+    """SAILConfig fields applied to every method (e.g. max_new_tokens, mixed_precision)"""
 
 
 QUICK = ComparisonSetup(seeds=2, steps=6, pairs_per_step=8, eval_every=3, eval_prompts=16)
@@ -61,23 +63,36 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = True) -> dict:
-    """Train every method for every seed; write metrics per run; return the results dict."""
-    torch.set_num_threads(setup.threads)
+def sentiment_task() -> Task:
+    """The toy task of ``sail_min.tasks.sentiment`` as the loop's ``Task``."""
     sentiment = load_sentiment_task()
-    task = Task(sentiment.preferences(), sentiment.train_prompts, sentiment.eval_prompts,
+    return Task(sentiment.preferences(), sentiment.train_prompts, sentiment.eval_prompts,
                 sentiment.judge, sentiment.bt_temperature)
+
+
+def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = True,
+                   task: Task | None = None, load_policy=None) -> dict:
+    """Train every method for every seed; write metrics per run; return the results dict.
+
+    ``task`` and ``load_policy`` (a function returning a fresh ``(model, tokenizer)``) default to
+    the sentiment toy task and its base model; the final notebook passes a real model and data.
+    """
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+    task = task or sentiment_task()
+    load_policy = load_policy or load_base_model
     out = Path(out)
     results = {"setup": asdict(setup), "dataset_pairs": len(task.preferences), "methods": {}}
     for method in setup.methods:
         name, preset, overrides = (method, method, {}) if isinstance(method, str) else method
         runs = []
         for seed in range(setup.seeds):
-            policy, tokenizer = load_base_model(sentiment.base_model_path)
+            policy, tokenizer = load_policy()
             config = SAILConfig.preset(preset, steps=setup.steps, pairs_per_step=setup.pairs_per_step,
                                        eval_every=setup.eval_every, eval_prompts=setup.eval_prompts,
                                        lr=setup.lr, beta=setup.beta, seed=seed,
-                                       output_dir=str(out / name / f"seed{seed}"), **overrides)
+                                       output_dir=str(out / name / f"seed{seed}"),
+                                       **{**setup.config_overrides, **overrides})
             run_task = _equal_judge_budget(task, config)
             start = time.perf_counter()
             history = train(config, policy, tokenizer, run_task, progress=progress)
@@ -95,7 +110,7 @@ def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = Tru
                           if "eval/judge_reward" in h],
             })
         results["methods"][name] = {"config": asdict(config), "runs": runs}
-    results["base_judge_reward"] = _base_reward(task, setup)
+    results["base_judge_reward"] = _base_reward(task, setup, load_policy, config)
     return results
 
 
@@ -108,16 +123,18 @@ def _equal_judge_budget(task: Task, config: SAILConfig) -> Task:
     return dataclasses.replace(task, preferences=task.preferences[:keep])
 
 
-def _base_reward(task: Task, setup: ComparisonSetup) -> float:
+def _base_reward(task: Task, setup: ComparisonSetup, load_policy, config: SAILConfig) -> float:
     """Judge reward of the base policy's samples on the same eval prompts (the starting point)."""
     from .sampling import sample_responses
     from .train import step_seed
 
-    policy, tokenizer = load_base_model()
+    policy, tokenizer = load_policy()
+    if torch.cuda.is_available():
+        policy.cuda()
     prompts = list(task.eval_prompts[: setup.eval_prompts])
-    samples = sample_responses(policy, tokenizer, prompts, k=1, max_new_tokens=SAILConfig().max_new_tokens,
-                               seed=step_seed(0, -1, 0, "eval"))
-    return statistics.fmean(task.judge(prompts, samples.texts))
+    samples = sample_responses(policy, tokenizer, prompts, k=1, max_new_tokens=config.max_new_tokens,
+                               temperature=config.temperature, seed=step_seed(0, -1, 0, "eval"))
+    return statistics.fmean(float(s) for s in task.judge(prompts, samples.texts))
 
 
 def format_table(results: dict) -> str:

@@ -44,6 +44,12 @@ class SAILConfig(Recipe):
     """sampling temperature for online pairs (1 = sample pi_theta itself)"""
     max_prompt_tokens: int = 32
     """prompts longer than this are truncated from the left (counted in the metrics)"""
+    generation_cache: str = "dynamic"
+    """KV cache for sampling: "dynamic" (plain generate) or "static" (compiled on a GPU, ~5x faster)"""
+    mixed_precision: str = "no"
+    """"no" (fp32), "bf16" or "fp16" autocast of the forward passes (accelerate; fp16 adds loss scaling)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, ~1.3-1.8x slower steps"""
     eval_every: int = 20
     """evaluate every this many steps (and at the end)"""
     eval_prompts: int = 64
@@ -75,6 +81,10 @@ class SAILConfig(Recipe):
             raise ValueError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay}, {self.max_grad_norm}")
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.generation_cache not in ("dynamic", "static"):
+            raise ValueError(f"generation_cache must be 'dynamic' or 'static', got {self.generation_cache!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.optimizer not in ("adamw", "rmsprop"):
             raise ValueError(f"optimizer must be 'adamw' or 'rmsprop', got {self.optimizer!r}")
 

@@ -67,6 +67,12 @@ def step_seed(seed: int, step: int, process: int, purpose: str) -> int:
     return random.Random(f"{seed}/{step}/{process}/{purpose}").getrandbits(63)
 
 
+def response_text(response) -> str:
+    """A dataset response as text: plain text as is; conversational [{"role": "assistant", ...}]
+    as the content of its messages (the policy writes the assistant turn after the prompt)."""
+    return response if isinstance(response, str) else "".join(m["content"] for m in response)
+
+
 def truncate_prompts_left(tokenizer, prompts: Sequence, max_tokens: int) -> tuple[list, int]:
     """Keep the last ``max_tokens`` tokens of every plain-text prompt; return (prompts, how many cut)."""
     out, cut = [], 0
@@ -77,6 +83,12 @@ def truncate_prompts_left(tokenizer, prompts: Sequence, max_tokens: int) -> tupl
                 prompt, cut = tokenizer.decode(ids[-max_tokens:]), cut + 1
         out.append(prompt)
     return out, cut
+
+
+def autocast(config: SAILConfig, accelerator: Accelerator):
+    """torch.autocast for ``config.mixed_precision`` ("no" = a disabled context: plain fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    return torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def _logps(policy, reference: ReferenceModel, responses) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +107,7 @@ def _judge_labels(task: Task, prompts, first_texts, second_texts, generator):
 
 @torch.no_grad()
 def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig,
-             reference_scores: torch.Tensor) -> dict:
+             reference_scores: torch.Tensor, accelerator: Accelerator) -> dict:
     """Judge reward, win rate vs the reference's samples and KL(pi || pi_ref) on held-out prompts.
 
     KL is the Monte-Carlo estimate E_{y ~ pi}[l_theta(y|x) - l_ref(y|x)] on one sample per prompt;
@@ -107,7 +119,8 @@ def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: S
     scores = torch.as_tensor(task.judge(prompts, samples.texts), dtype=torch.float32)
     was_training = policy.training
     policy.eval()
-    policy_logps, ref_logps = _logps(policy, reference, samples)
+    with autocast(config, accelerator):
+        policy_logps, ref_logps = _logps(policy, reference, samples)
     policy.train(was_training)
     wins = (scores > reference_scores).float() + 0.5 * (scores == reference_scores).float()
     return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
@@ -116,11 +129,11 @@ def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: S
             "eval/contains_eos": samples.contains_eos.float().mean().item()}
 
 
-def _save_checkpoint(path: Path, policy, optimizer, next_step: int, counters: dict) -> None:
+def _save_checkpoint(path: Path, policy, optimizer, next_step: int, counters: dict, scaler=None) -> None:
     """Atomic: a run killed while saving keeps its previous checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                "next_step": next_step, "counters": counters}, tmp)
+    torch.save({"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "next_step": next_step,
+                "counters": counters, "scaler": scaler.state_dict() if scaler else None}, tmp)
     os.replace(tmp, path)
 
 
@@ -152,7 +165,15 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
 
     policy.to(accelerator.device).train()
     reference = ReferenceModel(policy)                       # pi_ref = the policy as it starts
+    if config.gradient_checkpointing:
+        enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = _make_optimizer(config, [p for p in policy.parameters() if p.requires_grad])
+    # fp16 needs loss scaling; an overflowing step is skipped (and counted) and the scale lowered
+    scaler = torch.amp.GradScaler(accelerator.device.type) if config.mixed_precision == "fp16" else None
     counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
     start = 0
     if resume and checkpoint_path.exists():
@@ -160,6 +181,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         policy.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, counters = state["next_step"], state["counters"]
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
@@ -202,19 +225,21 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         # 3. sequence log-probs of both responses of every pair ------------------------
         t1 = time.perf_counter()
         first, second, route_ids = [], [], []            # (l_theta, l_ref) of y1 and y2, per group
-        if rows:
-            pairs = encode_responses(tokenizer, data_prompts + data_prompts,
-                                     [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
-            pol, ref = _logps(policy, reference, pairs)
-            first.append((pol[:n_data], ref[:n_data]))
-            second.append((pol[n_data:], ref[n_data:]))
-            route_ids += data_routes
-        if online is not None:
-            k = config.samples_per_prompt
-            pol, ref = _logps(policy, reference, online)
-            first.append((pol[0::k], ref[0::k]))
-            second.append((pol[1::k], ref[1::k]))
-            route_ids += online_routes
+        with autocast(config, accelerator):
+            if rows:
+                pairs = encode_responses(tokenizer, data_prompts + data_prompts,
+                                         [response_text(r["chosen"]) for r in rows]
+                                         + [response_text(r["rejected"]) for r in rows])
+                pol, ref = _logps(policy, reference, pairs)
+                first.append((pol[:n_data], ref[:n_data]))
+                second.append((pol[n_data:], ref[n_data:]))
+                route_ids += data_routes
+            if online is not None:
+                k = config.samples_per_prompt
+                pol, ref = _logps(policy, reference, online)
+                first.append((pol[0::k], ref[0::k]))
+                second.append((pol[1::k], ref[1::k]))
+                route_ids += online_routes
         pol1, ref1 = (torch.cat(t) for t in zip(*first))
         pol2, ref2 = (torch.cat(t) for t in zip(*second))
         route_ids = torch.tensor(route_ids)
@@ -246,23 +271,28 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
 
         # 6. step, unless something is not finite (on any process) ---------------------
         optimizer.zero_grad(set_to_none=True)
-        finite = torch.isfinite(out_loss.loss)
+        finite, unscaled = bool(torch.isfinite(out_loss.loss)), False
         if finite:
-            out_loss.loss.backward()
-            for p in policy.parameters():
+            (scaler.scale(out_loss.loss) if scaler else out_loss.loss).backward()
+            for p in policy.parameters():                                     # mean over processes
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
-            finite = all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+            if scaler:
+                scaler.unscale_(optimizer)
+                unscaled = True
+            finite = all(bool(torch.isfinite(p.grad).all()) for p in policy.parameters() if p.grad is not None)
         finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
                       == accelerator.num_processes)
         if finite:
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer) if scaler else optimizer.step()
         else:
             counters["skipped_steps"] += 1
             warnings.warn(f"step {step}: non-finite loss or gradient, step skipped "
                           f"({counters['skipped_steps']} so far)", RuntimeWarning)
+        if unscaled:
+            scaler.update()
         t_train = time.perf_counter() - t1 - t_label
 
         # 7. metrics, evaluation, checkpoint ----------------------------------------------
@@ -286,13 +316,13 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
             **counters,
         }
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            record.update(evaluate(policy, reference, tokenizer, task, config, reference_scores))
+            record.update(evaluate(policy, reference, tokenizer, task, config, reference_scores, accelerator))
             bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
         history.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
-            _save_checkpoint(checkpoint_path, policy, optimizer, step + 1, counters)
+            _save_checkpoint(checkpoint_path, policy, optimizer, step + 1, counters, scaler)
     accelerator.wait_for_everyone()
     _check_in_sync(policy, accelerator)
     return history

@@ -165,3 +165,12 @@ def test_empty_responses_train_without_errors(sentiment, tmp_path):
     assert all(h["online/response_length"] == 1.0 and h["online/contains_eos"] == 1.0 for h in history)
     assert history[-1]["eval/response_length"] == 1.0
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history) and history[-1]["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "no"])
+def test_mixed_precision_and_gradient_checkpointing_paths_run(sentiment, tmp_path, precision):
+    """The GPU settings of the final notebook (autocast, gradient checkpointing) on the CPU."""
+    config = SAILConfig.preset("sail-pr", **{**SMALL, "steps": 2}, mixed_precision=precision,
+                               gradient_checkpointing=True, output_dir=str(tmp_path))
+    history = train(config, *load_base_model(), make_task(sentiment), progress=False)
+    assert history[-1]["skipped_steps"] == 0 and torch.isfinite(torch.tensor(history[-1]["loss"]))
