@@ -240,6 +240,15 @@ def batch_loss(theta, bandit: Bandit, recipe: Recipe, chosen, rejected, route, b
     )
 
 
+@torch.no_grad()
+def log_policy(history: dict, step: int, theta: torch.Tensor, bandit: Bandit) -> None:
+    """Append the step, true reward, KL(pi || pi_ref) and KL(pi || pi*) (a number, or a list per run)."""
+    history["step"].append(step)
+    for key, value in (("reward", expected_reward(theta, bandit)), ("kl_ref", kl(theta, bandit.ref_logits)),
+                       ("kl_opt", kl(theta, bandit.optimal_logits))):
+        history[key].append(value.tolist())
+
+
 def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_prompt=16,
           offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0) -> dict:
     """Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
@@ -257,11 +266,7 @@ def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_promp
     for step in range(steps + 1):
         theta = torch.stack(runs)
         if step % eval_every == 0 or step == steps:
-            with torch.no_grad():
-                history["step"].append(step)
-                history["reward"].append(expected_reward(theta, bandit).tolist())
-                history["kl_ref"].append(kl(theta, bandit.ref_logits).tolist())
-                history["kl_opt"].append(kl(theta, bandit.optimal_logits).tolist())
+            log_policy(history, step, theta, bandit)
         if step == steps:
             break
         chosen, rejected, route = sample_pairs(theta, bandit, recipe, pairs_per_prompt, g,
@@ -288,11 +293,7 @@ def train_exact(bandit: Bandit, route: str, response_coef=1.0, label_coef=1.0, s
     history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": []}
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
-            with torch.no_grad():
-                history["step"].append(step)
-                history["reward"].append(expected_reward(theta, bandit).item())
-                history["kl_ref"].append(kl(theta, bandit.ref_logits).item())
-                history["kl_opt"].append(kl(theta, bandit.optimal_logits).item())
+            log_policy(history, step, theta, bandit)
         if step == steps:
             break
         opt.zero_grad()
