@@ -26,9 +26,26 @@ itself when pad == eos. `contains_eos` records whether the response stopped befo
 Prompts are plain strings or message lists [{"role", "content"}]. When the tokenizer has a
 chat template it is applied (a plain string becomes one user message) with the generation
 prompt; otherwise a plain string is used as it is.
+
+KV cache (`cache_implementation`). None (the default) is transformers' dynamic cache, which
+grows by one position per step. "static" preallocates the cache for prompt + max_new_tokens;
+on CUDA, `generate` then compiles the model's forward with torch.compile (mode
+"reduce-overhead", CUDA graphs). The first call pays for the compilation (tens of seconds for
+a 0.5 B model). Later calls reuse it, also after in-place weight updates: an optimizer step
+keeps the parameters' addresses, which is what the compiled graph reads (verified on CPU with
+a forced compile; `benchmarks/bench_sail.py` measures it on CUDA). A new batch size, or a
+prompt + max_new_tokens longer than any before, builds a new cache and may compile again. On
+CPU transformers does not compile, and the static cache gives the same tokens as the dynamic
+one. If the static path raises (a model or device it does not support), the sampler warns
+once per model and uses the dynamic cache from then on. To keep the number of shapes (and so of
+compilations) small while the number of online prompts varies from step to step, the static
+path left-pads prompts to a multiple of 64 tokens and the batch to a power of two rows (the
+extra rows are dropped); with a seed, the samples then depend on that padding, greedy ones do not.
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -40,8 +57,11 @@ Prompt = str | list[dict]
 # `generate` fills every option left unset from the model's generation_config.json, which for
 # instruct models often truncates or reshapes the distribution (top_k, top_p, repetition
 # penalty, ...). Set them all to their neutral values so that y ~ pi_theta exactly.
-UNTRUNCATED = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                   repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # min_new_tokens overrides min_length
+NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # min_new_tokens overrides min_length
+UNTRUNCATED = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **NEUTRAL)
+
+CACHE_IMPLEMENTATIONS = (None, "static")
+_static_cache_failed = weakref.WeakSet()   # models whose static-cache `generate` raised: dynamic from then on
 
 
 @dataclass
@@ -95,13 +115,27 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[str]:
     return rendered
 
 
-def _tokenize_prompts(tokenizer, prompts: Sequence[Prompt]):
+def _tokenize_prompts(tokenizer, prompts: Sequence[Prompt], pad_to_multiple_of: int | None = None):
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token: set tokenizer.pad_token "
                          "(e.g. tokenizer.pad_token = tokenizer.eos_token)")
     # A chat template writes its own special tokens (BOS, ...); plain text gets the defaults.
     return tokenizer(render_prompts(tokenizer, prompts), padding=True, padding_side="left",
+                     pad_to_multiple_of=pad_to_multiple_of,
                      return_tensors="pt", add_special_tokens=tokenizer.chat_template is None)
+
+
+STATIC_PROMPT_BUCKET = 64   # static cache: prompts left-padded to a multiple of this many tokens
+
+
+def _pad_rows_to_power_of_two(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Repeat the last row up to the next power of two: a few batch shapes, so few compilations."""
+    rows = input_ids.shape[0]
+    extra = (1 << (rows - 1).bit_length()) - rows
+    if extra == 0:
+        return input_ids, attention_mask
+    return (torch.cat([input_ids, input_ids[-1:].expand(extra, -1)]),
+            torch.cat([attention_mask, attention_mask[-1:].expand(extra, -1)]))
 
 
 def _eos_token_ids(model, tokenizer) -> list[int]:
@@ -122,8 +156,29 @@ def _cut_at_first_eos(generated: torch.Tensor, eos_ids: list[int], pad_id: int):
     return generated.masked_fill(eos_before, pad_id), response_mask, is_eos.any(dim=1)
 
 
+def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
+                      greedy: bool = False, cache_implementation: str | None = None) -> GenerationConfig:
+    """The settings `sample_responses` passes to `generate`, one response per input row:
+    y_t ~ softmax(z_t / temperature) with no truncation, or y_t = argmax z_t when `greedy`."""
+    sampling = (dict(do_sample=False, **NEUTRAL) if greedy
+                else dict(do_sample=True, temperature=temperature, **UNTRUNCATED))
+    return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
+                            pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                            cache_implementation=cache_implementation)
+
+
+def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: int | None):
+    """`model.generate` with a forked, seeded RNG when there is a seed (global RNG untouched)."""
+    device = input_ids.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
 def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, max_new_tokens: int = 64,
-                     temperature: float = 1.0, seed: int | None = None) -> Responses:
+                     temperature: float = 1.0, seed: int | None = None, greedy: bool = False,
+                     cache_implementation: str | None = None) -> Responses:
     """Draw k responses per prompt, y ~ pi_theta(. | x); same seed, same samples.
 
     The model is put in eval mode (no dropout) and its training mode restored afterwards;
@@ -131,27 +186,46 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
     checkpoints only in training mode, and `use_cache=True` is passed explicitly). With a
     seed, sampling uses a forked RNG and leaves the global RNG untouched; without one it
     draws from the global RNG.
+
+    greedy: y_t = argmax z_t instead of sampling (temperature is then unused), so the k
+        responses to a prompt are identical. For tests and benchmarks: these are not samples
+        of pi_theta, which the on-policy terms of the objective need.
+    cache_implementation: None (transformers' dynamic KV cache) or "static" (preallocated,
+        compiled by transformers on CUDA; see the module docstring). The static path falls
+        back to the dynamic one, with a warning, if it raises.
     """
     if k < 1:
         raise ValueError(f"k (responses per prompt) must be at least 1, got {k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
     device = next(model.parameters()).device
-    batch = _tokenize_prompts(tokenizer, prompts).to(device)
+    static = cache_implementation == "static" and model not in _static_cache_failed
+    batch = _tokenize_prompts(tokenizer, prompts, STATIC_PROMPT_BUCKET if static else None).to(device)
     eos_ids = _eos_token_ids(model, tokenizer)
-    generation_config = GenerationConfig(
-        do_sample=True, temperature=temperature, **UNTRUNCATED, max_new_tokens=max_new_tokens,
-        num_return_sequences=k, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    # Row i*k + j is sample j of prompt i: the same expansion `num_return_sequences=k` makes,
+    # done here so that greedy decoding (which refuses num_return_sequences > 1) shares the path.
+    input_ids = batch.input_ids.repeat_interleave(k, dim=0)
+    attention_mask = batch.attention_mask.repeat_interleave(k, dim=0)
+    make_config = lambda cache: generation_config(tokenizer, eos_ids, max_new_tokens, temperature,  # noqa: E731
+                                                  greedy, cache)
 
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                   enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
-            sequences = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       generation_config=generation_config)
+        if static:
+            try:
+                padded_ids, padded_mask = _pad_rows_to_power_of_two(input_ids, attention_mask)
+                sequences = _generate(model, padded_ids, padded_mask, make_config("static"), seed)[: len(input_ids)]
+            except Exception as error:          # unsupported model / device: warn once, then dynamic
+                _static_cache_failed.add(model)
+                warnings.warn(f"static-cache generation failed for {type(model).__name__} on {device} "
+                              f"({type(error).__name__}: {error}); using the dynamic cache for this model "
+                              "from now on", RuntimeWarning, stacklevel=2)
+                sequences = _generate(model, input_ids, attention_mask, make_config(None), seed)
+        else:
+            sequences = _generate(model, input_ids, attention_mask, make_config(None), seed)
     finally:
         model.train(was_training)
 
@@ -162,8 +236,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
              for ids, mask in zip(response_ids, response_mask)]
     return Responses(
         prompts=[prompt for prompt in prompts for _ in range(k)],
-        prompt_ids=batch.input_ids.repeat_interleave(k, dim=0),
-        prompt_mask=batch.attention_mask.repeat_interleave(k, dim=0),
+        prompt_ids=input_ids, prompt_mask=attention_mask,
         response_ids=response_ids, response_mask=response_mask, texts=texts,
         contains_eos=contains_eos, lengths=response_mask.sum(dim=1))
 

@@ -67,12 +67,6 @@ def step_seed(seed: int, step: int, process: int, purpose: str) -> int:
     return random.Random(f"{seed}/{step}/{process}/{purpose}").getrandbits(63)
 
 
-def response_text(response) -> str:
-    """A dataset response as text: plain text as is; conversational [{"role": "assistant", ...}]
-    as the content of its messages (the policy writes the assistant turn after the prompt)."""
-    return response if isinstance(response, str) else "".join(m["content"] for m in response)
-
-
 def truncate_prompts_left(tokenizer, prompts: Sequence, max_tokens: int) -> tuple[list, int]:
     """Keep the last ``max_tokens`` tokens of every plain-text prompt; return (prompts, how many cut)."""
     out, cut = [], 0
@@ -89,6 +83,11 @@ def autocast(config: SAILConfig, accelerator: Accelerator):
     """torch.autocast for ``config.mixed_precision`` ("no" = a disabled context: plain fp32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
     return torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _cache(config: SAILConfig) -> str | None:
+    """The sampler's KV cache: None (dynamic) or "static"."""
+    return None if config.generation_cache == "dynamic" else "static"
 
 
 def _logps(policy, reference: ReferenceModel, responses) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +113,10 @@ def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: S
     win rate counts ties as 1/2. Sampling uses a fixed seed, so steps are comparable.
     """
     prompts = list(task.eval_prompts[: config.eval_prompts])
-    samples = sample_responses(policy, tokenizer, prompts, k=1, max_new_tokens=config.max_new_tokens,
-                               temperature=config.temperature, seed=step_seed(config.seed, -1, 0, "eval"))
+    with autocast(config, accelerator):
+        samples = sample_responses(policy, tokenizer, prompts, k=1, max_new_tokens=config.max_new_tokens,
+                                   temperature=config.temperature, seed=step_seed(config.seed, -1, 0, "eval"),
+                                   cache_implementation=_cache(config))
     scores = torch.as_tensor(task.judge(prompts, samples.texts), dtype=torch.float32)
     was_training = policy.training
     policy.eval()
@@ -192,7 +193,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if main else []
 
     eval_prompts = list(task.eval_prompts[: config.eval_prompts])
-    with reference.as_module() as reference_module:
+    with reference.as_module() as reference_module, autocast(config, accelerator):
         ref_samples = sample_responses(reference_module, tokenizer, eval_prompts, k=1,
                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                        seed=step_seed(config.seed, -2, 0, "eval-reference"))
@@ -217,9 +218,11 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         counters["truncated_prompts"] += cut_a + cut_b
         online = None
         if online_routes:
-            online = sample_responses(policy, tokenizer, online_prompts, k=config.samples_per_prompt,
-                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      seed=step_seed(config.seed, step, rank, "sample"))
+            with autocast(config, accelerator):
+                online = sample_responses(policy, tokenizer, online_prompts, k=config.samples_per_prompt,
+                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                          seed=step_seed(config.seed, step, rank, "sample"),
+                                          cache_implementation=_cache(config))
         t_generate = time.perf_counter() - t0
 
         # 3. sequence log-probs of both responses of every pair ------------------------
@@ -228,8 +231,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         with autocast(config, accelerator):
             if rows:
                 pairs = encode_responses(tokenizer, data_prompts + data_prompts,
-                                         [response_text(r["chosen"]) for r in rows]
-                                         + [response_text(r["rejected"]) for r in rows])
+                                         [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
                 pol, ref = _logps(policy, reference, pairs)
                 first.append((pol[:n_data], ref[:n_data]))
                 second.append((pol[n_data:], ref[n_data:]))

@@ -1,5 +1,6 @@
 """sample_responses: layout, EOS handling (also with pad == eos), seeding, modes, KV cache."""
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,77 @@ def test_encode_responses_accepts_conversational_rows(tokenizer):
     assert torch.equal(as_messages.model_inputs()["input_ids"], as_text.model_inputs()["input_ids"])
     with pytest.raises(ValueError, match=r"responses\[0\]"):
         encode_responses(tokenizer, [prompt], [[{"role": "user", "content": "Lovely."}]])
+
+
+# --------------------------------------------------------------------------------------
+# greedy decoding and the static KV cache (cache_implementation="static")
+# --------------------------------------------------------------------------------------
+BASE_DIR = Path(__file__).resolve().parents[1] / "data" / "sentiment" / "base"   # Llama, no chat template
+
+
+def _cache_types(model, **sample_kwargs):
+    """Responses, and the type of KV cache each forward call of `generate` received."""
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__),
+        with_kwargs=True)
+    try:
+        return sample_responses(model, **sample_kwargs), set(seen)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("model_dir", [POLICY_DIR, BASE_DIR], ids=["qwen2", "llama"])
+def test_static_cache_gives_the_same_tokens_as_the_dynamic_one(model_dir):
+    """Greedy: the same tokens (on CPU, transformers does not compile, so the same kernels),
+    also for 6 rows, which the static path pads to 8 (and prompts to 64 tokens). Seeded
+    sampling: the same samples too for a batch that needs no padding rows (4), on CPU; on CUDA
+    the compiled kernels may round differently and a near-tie can then go the other way."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["Tell me about the market.", "Hi", "Say something about a blue kite and the sea."]
+    for options, n_prompts in ((dict(greedy=True), 3), (dict(seed=0), 2)):
+        kwargs = dict(tokenizer=tokenizer, prompts=prompts[:n_prompts], k=2, max_new_tokens=16, **options)
+        dynamic, dynamic_caches = _cache_types(model, **kwargs)
+        static, static_caches = _cache_types(model, **kwargs, cache_implementation="static")
+        assert dynamic_caches == {"DynamicCache"} and static_caches == {"StaticCache"}
+        assert torch.equal(static.response_ids, dynamic.response_ids), options
+        assert torch.equal(static.response_mask, dynamic.response_mask) and static.texts == dynamic.texts
+        assert len(static) == 2 * n_prompts and static.prompt_ids.shape[1] % 64 == 0
+
+
+def test_greedy_takes_the_argmax_and_repeats_it_k_times(policy, tokenizer):
+    greedy = sample_responses(policy, tokenizer, ["Tell me about the market."], k=3, max_new_tokens=8, greedy=True)
+    assert torch.equal(greedy.response_ids[0], greedy.response_ids[1]) and greedy.texts[0] == greedy.texts[2]
+    with torch.no_grad():
+        first_logits = policy(input_ids=greedy.prompt_ids[:1], attention_mask=greedy.prompt_mask[:1]).logits[0, -1]
+    assert greedy.response_ids[0, 0] == first_logits.argmax()
+
+
+def test_static_cache_failure_warns_once_and_falls_back_to_dynamic(tokenizer, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(POLICY_DIR).eval()
+    generate = model.generate
+    calls = []
+
+    def generate_without_static(*args, generation_config, **kwargs):
+        calls.append(generation_config.cache_implementation)
+        if generation_config.cache_implementation == "static":
+            raise RuntimeError("static cache not supported here")
+        return generate(*args, generation_config=generation_config, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate_without_static)
+    kwargs = dict(prompts=["Hi"], k=2, max_new_tokens=6, seed=0)
+    with pytest.warns(RuntimeWarning, match="static-cache generation failed.*not supported here"):
+        fallback = sample_responses(model, tokenizer, cache_implementation="static", **kwargs)
+    assert calls == ["static", None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # no second warning, no second static attempt
+        again = sample_responses(model, tokenizer, cache_implementation="static", **kwargs)
+    assert calls == ["static", None, None]
+    dynamic = sample_responses(model, tokenizer, **kwargs)
+    assert torch.equal(fallback.response_ids, dynamic.response_ids)
+    assert torch.equal(again.response_ids, dynamic.response_ids)
+
+
+def test_unknown_cache_implementation_is_refused(policy, tokenizer):
+    with pytest.raises(ValueError, match="cache_implementation"):
+        sample_responses(policy, tokenizer, ["Hi"], cache_implementation="paged")

@@ -1,0 +1,21 @@
+"""The benchmark script runs on the CPU at CI size and reports every ratio it promises."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_sail_tiny_reports_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_sail.py", "--model", "tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratios = json.loads(out.read_text())["ratios"]
+    for key in ("sail_vs_dpo_time", "lean_vs_naive_peak", "lean_ckpt_vs_naive_peak",
+                "sampler_static_vs_generate_tokens_per_s", "iteration_generate_fraction"):
+        assert isinstance(ratios[key], float) and ratios[key] > 0, key
+    fractions = [ratios[f"iteration_{part}_fraction"] for part in ("generate", "label", "train")]
+    assert abs(sum(fractions) - 1) < 1e-6
+    assert "greedy tokens identical (static vs plain): True" in proc.stdout
