@@ -229,6 +229,10 @@ class SAILLoss:
     dpo: torch.Tensor
     response: torch.Tensor
     label: torch.Tensor
+    chosen_rewards: torch.Tensor
+    """beta * (l_w - l_ref,w), detached (the implicit reward of the chosen responses)"""
+    rejected_rewards: torch.Tensor
+    """beta * (l_l - l_ref,l), detached"""
 
 
 def _as_coef(coef: float | torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -290,7 +294,9 @@ def sail_loss(
     else:
         response = torch.zeros_like(z)
         loss = (weights * (dpo + label_coef * label)).sum()
-    return SAILLoss(loss=loss, z=z.detach(), dpo=dpo.detach(), response=response.detach(), label=label.detach())
+    return SAILLoss(loss=loss, z=z.detach(), dpo=dpo.detach(), response=response.detach(), label=label.detach(),
+                    chosen_rewards=beta * (policy_chosen_logps - ref_chosen_logps).detach(),
+                    rejected_rewards=beta * (policy_rejected_logps - ref_rejected_logps).detach())
 
 
 # --------------------------------------------------------------------------------------

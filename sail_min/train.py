@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from .config import SAILConfig
 from .labels import implicit_reward_labels, reward_model_labels
 from .logprobs import ReferenceModel, sequence_logprobs
-from .objective import ROUTES, sail_loss
-from .sampling import encode_responses, sample_responses
+from .objective import LABELS_FROM, RESPONSES_FROM, ROUTES, sail_loss
+from .sampling import Responses, encode_responses, sample_responses
 
 
 @dataclass
@@ -145,6 +145,139 @@ def _make_optimizer(config: SAILConfig, params):
 
 
 # --------------------------------------------------------------------------------------
+# the steps of one iteration
+# --------------------------------------------------------------------------------------
+@dataclass
+class Pairs:
+    """One step's pairs: dataset pairs first (y1 = chosen, y2 = rejected), then online pairs
+    (y1, y2 = the first two samples of a prompt). ``routes`` indexes ``objective.ROUTES``."""
+
+    routes: torch.Tensor
+    dataset: Responses | None        # 2n rows: the n chosen, then the n rejected responses
+    online: Responses | None         # k rows per online prompt
+    online_prompts: list
+    truncated_prompts: int
+
+
+def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, accelerator, seed) -> Pairs:
+    """Route every pair, then take its responses: from the dataset, or fresh samples of pi_theta."""
+    rng = random.Random(seed("data"))
+    routes = rng.choices(range(len(ROUTES)), weights=config.route_probs, k=config.pairs_per_step)
+    dataset_routes = [r for r in routes if RESPONSES_FROM[ROUTES[r]] == "dataset"]
+    online_routes = [r for r in routes if RESPONSES_FROM[ROUTES[r]] == "policy"]
+    rows = [task.preferences[rng.randrange(len(task.preferences))] for _ in dataset_routes]
+    online_prompts = [task.train_prompts[rng.randrange(len(task.train_prompts))] for _ in online_routes]
+    dataset_prompts, cut_dataset = truncate_prompts_left(tokenizer, [r["prompt"] for r in rows], config.max_prompt_tokens)
+    online_prompts, cut_online = truncate_prompts_left(tokenizer, online_prompts, config.max_prompt_tokens)
+    dataset = online = None
+    if rows:
+        dataset = encode_responses(tokenizer, dataset_prompts + dataset_prompts,
+                                   [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    if online_routes:
+        with autocast(config, accelerator):
+            online = sample_responses(policy, tokenizer, online_prompts, k=config.samples_per_prompt,
+                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                      seed=seed("sample"), cache_implementation=_cache(config))
+    return Pairs(torch.tensor(dataset_routes + online_routes), dataset, online, online_prompts,
+                 cut_dataset + cut_online)
+
+
+def score_pairs(policy, reference: ReferenceModel, pairs: Pairs, config: SAILConfig, accelerator):
+    """(l_theta(y1), l_theta(y2), l_ref(y1), l_ref(y2)), one value per pair; l_theta with gradient."""
+    first, second = [], []
+    with autocast(config, accelerator):
+        if pairs.dataset is not None:
+            n = len(pairs.dataset) // 2
+            pol, ref = _logps(policy, reference, pairs.dataset)
+            first.append((pol[:n], ref[:n]))
+            second.append((pol[n:], ref[n:]))
+        if pairs.online is not None:
+            k = config.samples_per_prompt
+            pol, ref = _logps(policy, reference, pairs.online)
+            first.append((pol[0::k], ref[0::k]))
+            second.append((pol[1::k], ref[1::k]))
+    (pol1, ref1), (pol2, ref2) = [(torch.cat(p), torch.cat(r)) for p, r in (zip(*first), zip(*second))]
+    return pol1, pol2, ref1, ref2
+
+
+def label_pairs(pairs: Pairs, logps, task: Task, config: SAILConfig, generator) -> tuple[torch.Tensor, int]:
+    """Is y1 the chosen response? dpo: yes (the dataset's order); dp/pp: a draw of the policy's
+    Bradley-Terry model sig(z); pr: the judge. Returns the labels and the judge queries made."""
+    routes = pairs.routes
+    first_is_chosen = torch.ones(len(routes), dtype=torch.bool)
+    self_labels = implicit_reward_labels(*logps[0::2], *logps[1::2], config.beta, "bernoulli", generator)
+    by_policy = torch.tensor([LABELS_FROM[ROUTES[r]] == "policy" for r in routes.tolist()], dtype=torch.bool)
+    first_is_chosen[by_policy] = self_labels.first_is_chosen[by_policy]
+    by_judge = [i for i, r in enumerate(routes.tolist()) if LABELS_FROM[ROUTES[r]] == "oracle"]
+    if not by_judge:
+        return first_is_chosen, 0
+    offset, k = len(routes) - len(pairs.online_prompts), config.samples_per_prompt
+    online_index = [i - offset for i in by_judge]                  # judged pairs are online pairs
+    judged = _judge_labels(task, [pairs.online_prompts[j] for j in online_index],
+                           [pairs.online.texts[j * k] for j in online_index],
+                           [pairs.online.texts[j * k + 1] for j in online_index], generator)
+    first_is_chosen[by_judge] = judged.first_is_chosen
+    return first_is_chosen, 2 * len(by_judge)
+
+
+def pair_loss(logps, first_is_chosen: torch.Tensor, routes: torch.Tensor, config: SAILConfig):
+    """``objective.sail_loss`` with (chosen, rejected) from the labels and coefficients from the routes."""
+    pol1, pol2, ref1, ref2 = logps
+    pick = first_is_chosen.to(pol1.device)
+    response_coef, label_coef = (c.to(pol1.device) for c in config.recipe.coefficients(routes))
+    return sail_loss(torch.where(pick, pol1, pol2), torch.where(pick, pol2, pol1),
+                     torch.where(pick, ref1, ref2), torch.where(pick, ref2, ref1), config.beta,
+                     response_coef=response_coef, label_coef=label_coef,
+                     response_mode=config.response_mode, baseline=config.baseline)
+
+
+def optimizer_step(loss: torch.Tensor, policy, optimizer, scaler, config: SAILConfig, accelerator) -> bool:
+    """Backward, average gradients over processes, clip, step. Returns False (and leaves the
+    weights untouched) if the loss or any gradient on any process is not finite."""
+    optimizer.zero_grad(set_to_none=True)
+    finite, unscaled = bool(torch.isfinite(loss)), False
+    if finite:
+        (scaler.scale(loss) if scaler else loss).backward()
+        for p in policy.parameters():                                          # mean over processes
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if scaler:
+            scaler.unscale_(optimizer)
+            unscaled = True
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in policy.parameters() if p.grad is not None)
+    finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
+                  == accelerator.num_processes)
+    if finite:
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        scaler.step(optimizer) if scaler else optimizer.step()
+    if unscaled:
+        scaler.update()                                   # lowers the fp16 scale after an overflow
+    return finite
+
+
+def step_record(step: int, out, pairs: Pairs, config: SAILConfig, seconds: dict, counters: dict) -> dict:
+    """The metrics of one step (TRL's names where it has them)."""
+    response_coef, label_coef = config.recipe.coefficients(pairs.routes)
+    online = pairs.online
+    tokens = sum(int(r.response_mask.sum()) for r in (pairs.dataset, online) if r is not None)
+    z = out.z.cpu()
+    return {
+        "step": step, "loss": out.loss.item(), "loss/dpo": out.dpo.mean().item(),
+        "loss/response": _masked_mean(out.response, response_coef > 0),
+        "loss/label": _masked_mean(out.label, label_coef > 0),
+        "rewards/chosen": out.chosen_rewards.mean().item(), "rewards/rejected": out.rejected_rewards.mean().item(),
+        "rewards/margins": z.mean().item(), "rewards/accuracies": (z > 0).float().mean().item(),
+        **{f"pairs/{name}": int((pairs.routes == i).sum()) for i, name in enumerate(ROUTES)},
+        "online/response_length": online.lengths.float().mean().item() if online else None,
+        "online/contains_eos": online.contains_eos.float().mean().item() if online else None,
+        **{f"time/{name}": value for name, value in seconds.items()},
+        "tokens_per_second": tokens / max(seconds["train"], 1e-9),
+        **counters,
+    }
+
+
+# --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
 def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = False,
@@ -167,13 +300,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     policy.to(accelerator.device).train()
     reference = ReferenceModel(policy)                       # pi_ref = the policy as it starts
     if config.gradient_checkpointing:
-        enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_gradient_checkpointing(policy)
     optimizer = _make_optimizer(config, [p for p in policy.parameters() if p.requires_grad])
-    # fp16 needs loss scaling; an overflowing step is skipped (and counted) and the scale lowered
     scaler = torch.amp.GradScaler(accelerator.device.type) if config.mixed_precision == "fp16" else None
     counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
     start = 0
@@ -184,139 +312,35 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         start, counters = state["next_step"], state["counters"]
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if json.loads(line)["step"] < start] if (resume and metrics_path.exists()) else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines()] if main else []
-
-    eval_prompts = list(task.eval_prompts[: config.eval_prompts])
-    with reference.as_module() as reference_module, autocast(config, accelerator):
-        ref_samples = sample_responses(reference_module, tokenizer, eval_prompts, k=1,
-                                       max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                       seed=step_seed(config.seed, -2, 0, "eval-reference"))
-    reference_scores = torch.as_tensor(task.judge(eval_prompts, ref_samples.texts), dtype=torch.float32)
+    history = _open_metrics(metrics_path, config, start, resume) if main else []
+    reference_scores = _reference_scores(reference, tokenizer, task, config, accelerator)
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (progress and main),
                desc=f"train {config.output_dir}")
     for step in bar:
-        rng = random.Random(step_seed(config.seed, step, rank, "data"))
-        label_gen = torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels"))
+        seed = lambda purpose: step_seed(config.seed, step, rank, purpose)  # noqa: E731
         t0 = time.perf_counter()
-
-        # 1-2. route every pair, then gather its responses -------------------------------
-        routes = rng.choices(range(len(ROUTES)), weights=config.route_probs, k=config.pairs_per_step)
-        n_data = sum(r in (0, 1) for r in routes)
-        data_routes = [r for r in routes if r in (0, 1)]
-        online_routes = [r for r in routes if r in (2, 3)]
-        rows = [task.preferences[rng.randrange(len(task.preferences))] for _ in range(n_data)]
-        online_prompts = [task.train_prompts[rng.randrange(len(task.train_prompts))] for _ in online_routes]
-        data_prompts, cut_a = truncate_prompts_left(tokenizer, [r["prompt"] for r in rows], config.max_prompt_tokens)
-        online_prompts, cut_b = truncate_prompts_left(tokenizer, online_prompts, config.max_prompt_tokens)
-        counters["truncated_prompts"] += cut_a + cut_b
-        online = None
-        if online_routes:
-            with autocast(config, accelerator):
-                online = sample_responses(policy, tokenizer, online_prompts, k=config.samples_per_prompt,
-                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                          seed=step_seed(config.seed, step, rank, "sample"),
-                                          cache_implementation=_cache(config))
-        t_generate = time.perf_counter() - t0
-
-        # 3. sequence log-probs of both responses of every pair ------------------------
+        pairs = draw_pairs(policy, tokenizer, task, config, accelerator, seed)                 # 1-2. route, sample
         t1 = time.perf_counter()
-        first, second, route_ids = [], [], []            # (l_theta, l_ref) of y1 and y2, per group
-        with autocast(config, accelerator):
-            if rows:
-                pairs = encode_responses(tokenizer, data_prompts + data_prompts,
-                                         [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
-                pol, ref = _logps(policy, reference, pairs)
-                first.append((pol[:n_data], ref[:n_data]))
-                second.append((pol[n_data:], ref[n_data:]))
-                route_ids += data_routes
-            if online is not None:
-                k = config.samples_per_prompt
-                pol, ref = _logps(policy, reference, online)
-                first.append((pol[0::k], ref[0::k]))
-                second.append((pol[1::k], ref[1::k]))
-                route_ids += online_routes
-        pol1, ref1 = (torch.cat(t) for t in zip(*first))
-        pol2, ref2 = (torch.cat(t) for t in zip(*second))
-        route_ids = torch.tensor(route_ids)
+        logps = score_pairs(policy, reference, pairs, config, accelerator)                     # 3. l_theta, l_ref
+        t2 = time.perf_counter()
+        labels, queries = label_pairs(pairs, logps, task, config,                              # 4. labels
+                                      torch.Generator().manual_seed(seed("labels")))
+        t3 = time.perf_counter()
+        out_loss = pair_loss(logps, labels, pairs.routes, config)                              # 5. SAIL loss
+        finite = optimizer_step(out_loss.loss, policy, optimizer, scaler, config, accelerator)  # 6. step
+        t4 = time.perf_counter()
 
-        # 4. labels: which of (y1, y2) is chosen --------------------------------------
-        first_is_chosen = torch.ones(len(route_ids), dtype=torch.bool)          # dpo: the dataset's
-        self_labels = implicit_reward_labels(pol1, ref1, pol2, ref2, config.beta, "bernoulli", label_gen)
-        by_policy = (route_ids == 1) | (route_ids == 2)                          # dp, pp
-        first_is_chosen[by_policy] = self_labels.first_is_chosen[by_policy]
-        by_judge = (route_ids == 3).nonzero().flatten().tolist()                 # pr
-        if by_judge:
-            offset = n_data
-            idx = [i - offset for i in by_judge]
-            judged = _judge_labels(task, [online_prompts[i] for i in idx],
-                                   [online.texts[i * config.samples_per_prompt] for i in idx],
-                                   [online.texts[i * config.samples_per_prompt + 1] for i in idx], label_gen)
-            first_is_chosen[by_judge] = judged.first_is_chosen
-            counters["judge_queries"] += 2 * len(by_judge)
-        t_label = time.perf_counter() - t1
-
-        # 5. the SAIL surrogate ---------------------------------------------------------
-        pick = first_is_chosen.to(pol1.device)
-        chosen_pol, rejected_pol = torch.where(pick, pol1, pol2), torch.where(pick, pol2, pol1)
-        chosen_ref, rejected_ref = torch.where(pick, ref1, ref2), torch.where(pick, ref2, ref1)
-        response_coef, label_coef = config.recipe.coefficients(route_ids)
-        out_loss = sail_loss(chosen_pol, rejected_pol, chosen_ref, rejected_ref, config.beta,
-                             response_coef=response_coef.to(pol1.device), label_coef=label_coef.to(pol1.device),
-                             response_mode=config.response_mode, baseline=config.baseline)
-
-        # 6. step, unless something is not finite (on any process) ---------------------
-        optimizer.zero_grad(set_to_none=True)
-        finite, unscaled = bool(torch.isfinite(out_loss.loss)), False
-        if finite:
-            (scaler.scale(out_loss.loss) if scaler else out_loss.loss).backward()
-            for p in policy.parameters():                                     # mean over processes
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            if scaler:
-                scaler.unscale_(optimizer)
-                unscaled = True
-            finite = all(bool(torch.isfinite(p.grad).all()) for p in policy.parameters() if p.grad is not None)
-        finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
-                      == accelerator.num_processes)
-        if finite:
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-            scaler.step(optimizer) if scaler else optimizer.step()
-        else:
+        counters["truncated_prompts"] += pairs.truncated_prompts
+        counters["judge_queries"] += queries
+        if not finite:
             counters["skipped_steps"] += 1
             warnings.warn(f"step {step}: non-finite loss or gradient, step skipped "
                           f"({counters['skipped_steps']} so far)", RuntimeWarning)
-        if unscaled:
-            scaler.update()
-        t_train = time.perf_counter() - t1 - t_label
-
-        # 7. metrics, evaluation, checkpoint ----------------------------------------------
         if not main:
             continue
-        z = out_loss.z.cpu()
-        tokens = sum(int(g.response_mask.sum()) for g in ([pairs] if rows else []) + ([online] if online else []))
-        record = {
-            "step": step, "loss": out_loss.loss.item(),
-            "loss/dpo": out_loss.dpo.mean().item(),
-            "loss/response": _masked_mean(out_loss.response, response_coef > 0),
-            "loss/label": _masked_mean(out_loss.label, label_coef > 0),
-            "rewards/chosen": (config.beta * (chosen_pol - chosen_ref)).mean().item(),
-            "rewards/rejected": (config.beta * (rejected_pol - rejected_ref)).mean().item(),
-            "rewards/margins": z.mean().item(), "rewards/accuracies": (z > 0).float().mean().item(),
-            **{f"pairs/{name}": sum(r == i for r in routes) for i, name in enumerate(ROUTES)},
-            "online/response_length": online.lengths.float().mean().item() if online else None,
-            "online/contains_eos": online.contains_eos.float().mean().item() if online else None,
-            "time/generate": t_generate, "time/label": t_label, "time/train": t_train,
-            "tokens_per_second": tokens / max(t_train + t_label, 1e-9),
-            **counters,
-        }
+        seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
+        record = step_record(step, out_loss, pairs, config, seconds, counters)
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             record.update(evaluate(policy, reference, tokenizer, task, config, reference_scores, accelerator))
             bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
@@ -328,6 +352,37 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     accelerator.wait_for_everyone()
     _check_in_sync(policy, accelerator)
     return history
+
+
+# --------------------------------------------------------------------------------------
+# bookkeeping
+# --------------------------------------------------------------------------------------
+def _enable_gradient_checkpointing(policy) -> None:
+    enable = getattr(policy, "activation_checkpointing_enable", None)      # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _open_metrics(metrics_path: Path, config: SAILConfig, start: int, resume: bool) -> list[dict]:
+    """Write config.json; keep the metrics of steps before ``start`` (a resumed run redoes the rest)."""
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    (metrics_path.parent / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    old = metrics_path.read_text().splitlines() if (resume and metrics_path.exists()) else []
+    kept = [line for line in old if json.loads(line)["step"] < start]
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
+
+
+def _reference_scores(reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig, accelerator):
+    """Judge scores of one reference sample per eval prompt: what the win rate compares against."""
+    eval_prompts = list(task.eval_prompts[: config.eval_prompts])
+    with reference.as_module() as reference_module, autocast(config, accelerator):
+        samples = sample_responses(reference_module, tokenizer, eval_prompts, k=1,
+                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                   seed=step_seed(config.seed, -2, 0, "eval-reference"))
+    return torch.as_tensor(task.judge(eval_prompts, samples.texts), dtype=torch.float32)
 
 
 def _check_in_sync(policy, accelerator: Accelerator) -> None:
