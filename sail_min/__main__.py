@@ -33,9 +33,10 @@ def _compare(args) -> int:
 def _train(args) -> int:
     import torch
 
+    from .compare import sentiment_task
     from .config import SAILConfig
-    from .tasks.sentiment import load_base_model, load_sentiment_task
-    from .train import Task, train
+    from .tasks.sentiment import load_base_model
+    from .train import train
 
     torch.set_num_threads(args.threads)
     overrides = {"steps": args.steps, "seed": args.seed, "output_dir": args.out}
@@ -45,13 +46,18 @@ def _train(args) -> int:
         if field is None or not value:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field")
         kind = type(getattr(SAILConfig(), key))
-        overrides[key] = value if kind is str else kind(value)
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--set {item!r}: {key} takes true or false")
+            overrides[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                overrides[key] = value if kind is str else kind(value)
+            except ValueError:
+                raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}") from None
     config = SAILConfig.preset(args.preset, **overrides)
-    sentiment = load_sentiment_task()
-    task = Task(sentiment.preferences(), sentiment.train_prompts, sentiment.eval_prompts,
-                sentiment.judge, sentiment.bt_temperature)
-    policy, tokenizer = load_base_model(sentiment.base_model_path)
-    history = train(config, policy, tokenizer, task, resume=args.resume)
+    policy, tokenizer = load_base_model()
+    history = train(config, policy, tokenizer, sentiment_task(), resume=args.resume)
     if history:
         last = [h for h in history if "eval/judge_reward" in h][-1]
         print(f"step {last['step'] + 1}: judge reward {last['eval/judge_reward']:.3f}, "
