@@ -55,7 +55,10 @@ def _train(args) -> int:
                 overrides[key] = value if kind is str else kind(value)
             except ValueError:
                 raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}") from None
-    config = SAILConfig.preset(args.preset, **overrides)
+    try:
+        config = SAILConfig.preset(args.preset, **overrides)
+    except ValueError as error:                       # a bad value: the message names the field
+        raise SystemExit(f"invalid configuration: {error}") from None
     policy, tokenizer = load_base_model()
     history = train(config, policy, tokenizer, sentiment_task(), resume=args.resume)
     if history:
