@@ -22,7 +22,7 @@ def _compare(args) -> int:
     setup = dataclasses.replace(QUICK if args.quick else ComparisonSetup(),
                                 **({"seeds": args.seeds} if args.seeds else {}))
     start = time.perf_counter()
-    results = run_comparison(setup, args.out, progress=not args.quick)
+    results = run_comparison(setup, args.out, progress=not args.quick, resume=args.resume)
     print(format_table(results))
     paths = write_results(results, args.out)
     print(f"wrote {', '.join(map(str, paths))} and per-run metrics.jsonl under {args.out} "
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     compare = commands.add_parser("compare", help="the main job (default)")
     compare.add_argument("--out", default="outputs/compare", help="output folder (default: outputs/compare)")
     compare.add_argument("--quick", action="store_true", help="a CI-sized run: fewer steps, seeds, prompts")
-    compare.add_argument("--seeds", type=int, default=None, help="runs per method (default 3, quick 2)")
+    compare.add_argument("--seeds", type=int, default=None, help="runs per method (default 5, quick 2)")
+    compare.add_argument("--resume", action="store_true", help="continue the runs found in --out")
 
     one = commands.add_parser("train", help="one run of a preset on the toy task")
     one.add_argument("--preset", default="sail-pr", help="offline-dpo, online-dpo, sail-pr, sail-pp, sail-dp")

@@ -71,11 +71,13 @@ def sentiment_task() -> Task:
 
 
 def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = True,
-                   task: Task | None = None, load_policy=None) -> dict:
+                   task: Task | None = None, load_policy=None, resume: bool = False) -> dict:
     """Train every method for every seed; write metrics per run; return the results dict.
 
     ``task`` and ``load_policy`` (a function returning a fresh ``(model, tokenizer)``) default to
     the sentiment toy task and its base model; the final notebook passes a real model and data.
+    ``resume=True`` continues every run from its checkpoint in ``out`` (a finished run is read back
+    from its metrics), so an interrupted comparison loses at most ``checkpoint_every`` steps a run.
     """
     if setup.threads:
         torch.set_num_threads(setup.threads)
@@ -95,7 +97,7 @@ def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = Tru
                                        **{**setup.config_overrides, **overrides})
             run_task = _equal_judge_budget(task, config)
             start = time.perf_counter()
-            history = train(config, policy, tokenizer, run_task, progress=progress)
+            history = train(config, policy, tokenizer, run_task, resume=resume, progress=progress)
             seconds = time.perf_counter() - start
             final = history[-1]
             reads_dataset = config.route_dpo + config.route_dp > 0

@@ -131,9 +131,11 @@ def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: S
 
 
 def _save_checkpoint(path: Path, policy, optimizer, next_step: int, counters: dict, scaler=None) -> None:
-    """Atomic: a run killed while saving keeps its previous checkpoint."""
+    """The trainable weights (frozen ones never change), optimizer, step and counters.
+    Atomic: a run killed while saving keeps its previous checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": policy.state_dict(), "optimizer": optimizer.state_dict(), "next_step": next_step,
+    trainable = {name: p.detach() for name, p in policy.named_parameters() if p.requires_grad}  # LoRA: adapters only
+    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "next_step": next_step,
                 "counters": counters, "scaler": scaler.state_dict() if scaler else None}, tmp)
     os.replace(tmp, path)
 
@@ -307,7 +309,9 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     start = 0
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=accelerator.device, weights_only=False)
-        policy.load_state_dict(state["model"])
+        unexpected = policy.load_state_dict(state["model"], strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{checkpoint_path} does not fit this policy: unexpected weights {unexpected[:3]}")
         optimizer.load_state_dict(state["optimizer"])
         start, counters = state["next_step"], state["counters"]
         if scaler is not None and state.get("scaler"):

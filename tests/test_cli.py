@@ -43,6 +43,13 @@ def test_main_job_quick_writes_table_results_metrics_and_plots(tmp_path):
     assert len(results["methods"]["sail-pr"]["runs"]) == 2
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "sail-dp" / "seed1" / "metrics.jsonl").exists()
+    # a finished comparison resumed reads its runs back: the same results
+    again = run("--quick", "--resume", "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    for name, method in results["methods"].items():
+        for a, b in zip(method["runs"], resumed["methods"][name]["runs"]):
+            assert (a["judge_reward"], a["kl"], a["judge_queries"]) == (b["judge_reward"], b["kl"], b["judge_queries"])
 
 
 def test_bad_arguments_are_rejected_with_a_message():

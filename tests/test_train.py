@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +90,13 @@ def test_training_is_deterministic_logs_every_term_and_resumes_exactly(sentiment
     lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
 
-    # a run killed during step 3 (its evaluation), after the checkpoint of step 1, then resumed
+    resumed = killed_then_resumed(config.replace(output_dir=str(tmp_path / "resumed")), load_base_model, task)
+    assert strip_timing(resumed) == strip_timing(full)
+
+
+def killed_then_resumed(config, load_policy, task):
+    """Run ``config`` (4 steps, checkpoints every 2), kill it during step 3's evaluation (after the
+    checkpoint of step 1 and the metrics of step 2), resume it, and return the resumed metrics."""
     import sail_min.train as train_module
     real_evaluate, calls = train_module.evaluate, {"n": 0}
 
@@ -99,16 +106,35 @@ def test_training_is_deterministic_logs_every_term_and_resumes_exactly(sentiment
             raise KeyboardInterrupt("killed")
         return real_evaluate(*args, **kwargs)
 
-    crashed = config.replace(output_dir=str(tmp_path / "resumed"))
     train_module.evaluate = evaluate_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
-            train(crashed, *load_base_model(), task, progress=False)
+            train(config, *load_policy(), task, progress=False)
     finally:
         train_module.evaluate = real_evaluate
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["next_step"] == 2
-    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3  # steps 0-2 logged
-    resumed = train(crashed, *load_base_model(), task, resume=True, progress=False)
+    out = Path(config.output_dir)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["next_step"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3      # steps 0-2 logged
+    return train(config, *load_policy(), task, resume=True, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
+def test_lora_run_checkpoints_only_the_adapters_and_resumes_exactly(sentiment, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tiny = Path(ROOT) / "data" / "tiny" / "policy"
+
+    def load_lora_policy():
+        torch.manual_seed(0)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        return peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), lora), AutoTokenizer.from_pretrained(tiny)
+
+    task = make_task(sentiment)
+    config = SAILConfig.preset("sail-pr", **SMALL, max_new_tokens=8, output_dir=str(tmp_path / "full"))
+    full = train(config, *load_lora_policy(), task, progress=False)
+    saved = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    assert saved and all("lora_" in name for name in saved)                 # adapters only, no base copy
+    resumed = killed_then_resumed(config.replace(output_dir=str(tmp_path / "resumed")), load_lora_policy, task)
     assert strip_timing(resumed) == strip_timing(full)
 
 
