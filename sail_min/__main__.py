@@ -71,7 +71,7 @@ def _train(args) -> int:
 def _bandit(args) -> int:
     import torch
 
-    from .experiments import BanditSetup, format_table, run_bandit_comparison, write_results
+    from .bandit_comparison import BanditSetup, format_table, run_bandit_comparison, write_results
 
     torch.set_num_threads(1)  # tensors of a few hundred numbers: extra threads only add overhead
     start = time.perf_counter()
