@@ -40,7 +40,7 @@ from .config import SAILConfig
 from .labels import implicit_reward_labels, reward_model_labels
 from .logprobs import ReferenceModel, sequence_logprobs
 from .objective import LABELS_FROM, RESPONSES_FROM, ROUTES, sail_loss
-from .sampling import Responses, encode_responses, sample_responses
+from .sampling import Responses, encode_responses, render_prompts, sample_responses
 
 
 @dataclass
@@ -68,15 +68,47 @@ def step_seed(seed: int, step: int, process: int, purpose: str) -> int:
 
 
 def truncate_prompts_left(tokenizer, prompts: Sequence, max_tokens: int) -> tuple[list, int]:
-    """Keep the last ``max_tokens`` tokens of every plain-text prompt; return (prompts, how many cut)."""
+    """Cut over-long prompts from the left; return (prompts, how many were cut).
+
+    Plain text keeps its last ``max_tokens`` tokens. A conversation (message list) is measured
+    as the policy reads it, chat template included: its oldest non-system messages are dropped
+    while more than one remains, then the first remaining non-system message loses tokens from
+    its start until the whole fits (the template's own tokens are never cut).
+    """
     out, cut = [], 0
     for prompt in prompts:
         if isinstance(prompt, str):
             ids = tokenizer(prompt, add_special_tokens=False).input_ids
             if len(ids) > max_tokens:
                 prompt, cut = tokenizer.decode(ids[-max_tokens:]), cut + 1
+        elif _prompt_length(tokenizer, prompt) > max_tokens:
+            prompt, cut = _truncate_conversation(tokenizer, prompt, max_tokens), cut + 1
         out.append(prompt)
     return out, cut
+
+
+def _prompt_length(tokenizer, messages: list[dict]) -> int:
+    text = render_prompts(tokenizer, [messages])[0]
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _truncate_conversation(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
+    messages = [dict(m) for m in messages]
+    body = [i for i, m in enumerate(messages) if m["role"] != "system"]
+    while len(body) > 1 and _prompt_length(tokenizer, messages) > max_tokens:   # drop the oldest turns
+        del messages[body[0]]
+        body = [i for i, m in enumerate(messages) if m["role"] != "system"]
+    first = body[0]
+    for _ in range(8):                         # re-tokenising can merge tokens: a few rounds at most
+        overflow = _prompt_length(tokenizer, messages) - max_tokens
+        if overflow <= 0:
+            return messages
+        ids = tokenizer(messages[first]["content"], add_special_tokens=False).input_ids
+        if overflow >= len(ids):
+            raise ValueError(f"max_prompt_tokens={max_tokens} is shorter than the chat template's own "
+                             f"tokens for this prompt; raise max_prompt_tokens")
+        messages[first]["content"] = tokenizer.decode(ids[overflow:])
+    return messages
 
 
 def autocast(config: SAILConfig, accelerator: Accelerator):

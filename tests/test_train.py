@@ -73,6 +73,23 @@ def test_truncation_keeps_the_end_of_long_prompts(sentiment):
     assert truncate_prompts_left(tokenizer, [prompt], n) == ([prompt], 0)
 
 
+def test_conversations_are_truncated_from_the_left_with_the_template_kept():
+    from transformers import AutoTokenizer
+    from sail_min.sampling import render_prompts
+    tokenizer = AutoTokenizer.from_pretrained(Path(ROOT) / "data" / "tiny" / "policy")   # has a chat template
+    length = lambda m: len(tokenizer(render_prompts(tokenizer, [m])[0], add_special_tokens=False).input_ids)
+    question = "tell me about the market and the sea " * 10 + "and end here please"
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
+                    {"role": "assistant", "content": "hi"}, {"role": "user", "content": question}]
+    limit = length(conversation[:1] + conversation[3:]) - 20
+    (cut,), count = truncate_prompts_left(tokenizer, [conversation], limit)
+    assert count == 1 and length(cut) <= limit
+    assert [m["role"] for m in cut] == ["system", "user"]                    # oldest turns dropped first
+    assert cut[1]["content"].endswith("and end here please") and len(cut[1]["content"]) < len(question)
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        truncate_prompts_left(tokenizer, [conversation], 3)
+
+
 def test_training_is_deterministic_logs_every_term_and_resumes_exactly(sentiment, tmp_path):
     task = make_task(sentiment)
     config = SAILConfig.preset("sail-pp", **SMALL, route_dpo=0.4, route_dp=0.2, route_pp=0.2, route_pr=0.2,
