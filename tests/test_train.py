@@ -182,7 +182,7 @@ def test_missing_data_for_a_route_is_a_clear_error(sentiment, tmp_path):
 
 def test_two_processes_on_cpu_stay_in_sync(tmp_path):
     """`accelerate launch` with 2 CPU processes: gradients averaged, weights identical at the end."""
-    cmd = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sail_min", "train",
            "--preset", "sail-pr", "--steps", "2", "--set", "pairs_per_step=4", "--set", "eval_prompts=8",
            "--set", "eval_every=2", "--out", str(tmp_path)]
