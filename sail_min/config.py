@@ -39,10 +39,11 @@ class SAILConfig(Recipe):
     samples_per_prompt: int = 2
     """k responses sampled per prompt for online pairs (the first two form the pair)"""
     max_new_tokens: int = 24
-    """generation length limit; responses cut here have no EOS (logged as contains_eos)"""
+    """generation length limit (24 fits the toy task; real chat models need ~128-512); responses cut
+    here have no EOS (logged as contains_eos)"""
     temperature: float = 1.0
     """sampling temperature for online pairs (1 = sample pi_theta itself)"""
-    max_prompt_tokens: int = 32
+    max_prompt_tokens: int = 512
     """prompts longer than this are truncated from the left (counted in the metrics)"""
     generation_cache: str = "dynamic"
     """KV cache for sampling: "dynamic" (plain generate) or "static" (compiled on a GPU, ~5x faster)"""
