@@ -99,11 +99,13 @@ def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = Tru
             start = time.perf_counter()
             history = train(config, policy, tokenizer, run_task, resume=resume, progress=progress)
             seconds = time.perf_counter() - start
+            del policy                                    # free it (and its compiled graphs) before the next
             final = history[-1]
             reads_dataset = config.route_dpo + config.route_dp > 0
             runs.append({
                 "seed": seed, "seconds": seconds,
                 "judge_reward": final["eval/judge_reward"], "win_rate": final["eval/win_rate"],
+                "reference_judge_reward": final["eval/reference_judge_reward"],
                 "kl": final["eval/kl"], "response_length": final["eval/response_length"],
                 "judge_queries": final["judge_queries"] + (2 * len(run_task.preferences) if reads_dataset else 0),
                 "dataset_pairs": len(run_task.preferences) if reads_dataset else 0,
@@ -112,7 +114,9 @@ def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = Tru
                           if "eval/judge_reward" in h],
             })
         results["methods"][name] = {"config": asdict(config), "runs": runs}
-    results["base_judge_reward"] = _base_reward(task, setup, load_policy, config)
+    # the reference (= base) policy's samples that every win rate is measured against
+    first_runs = next(iter(results["methods"].values()))["runs"]
+    results["base_judge_reward"] = statistics.fmean(r["reference_judge_reward"] for r in first_runs)
     return results
 
 
@@ -123,20 +127,6 @@ def _equal_judge_budget(task: Task, config: SAILConfig) -> Task:
     online_pairs = round(config.route_pr * config.steps * config.pairs_per_step)
     keep = max(1, len(task.preferences) - online_pairs)
     return dataclasses.replace(task, preferences=task.preferences[:keep])
-
-
-def _base_reward(task: Task, setup: ComparisonSetup, load_policy, config: SAILConfig) -> float:
-    """Judge reward of the base policy's samples on the same eval prompts (the starting point)."""
-    from .sampling import sample_responses
-    from .train import step_seed
-
-    policy, tokenizer = load_policy()
-    if torch.cuda.is_available():
-        policy.cuda()
-    prompts = list(task.eval_prompts[: setup.eval_prompts])
-    samples = sample_responses(policy, tokenizer, prompts, k=1, max_new_tokens=config.max_new_tokens,
-                               temperature=config.temperature, seed=step_seed(0, -1, 0, "eval"))
-    return statistics.fmean(float(s) for s in task.judge(prompts, samples.texts))
 
 
 def format_table(results: dict) -> str:

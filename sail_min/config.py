@@ -11,6 +11,8 @@ weights and uses AdamW at a larger lr.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass
 
 from .objective import BASELINES, PRESETS, Recipe
@@ -29,7 +31,7 @@ class SAILConfig(Recipe):
     lr: float = 5e-4
     """learning rate"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """weight decay (decoupled for AdamW, plain L2 for RMSprop)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 = off)"""
     steps: int = 60
@@ -64,22 +66,23 @@ class SAILConfig(Recipe):
 
     def __post_init__(self):
         super().__post_init__()
-        positive = {"beta": self.beta, "lr": self.lr, "temperature": self.temperature}
-        for name, value in positive.items():
-            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        at_least_one = {"steps": self.steps, "pairs_per_step": self.pairs_per_step,
-                        "max_new_tokens": self.max_new_tokens, "max_prompt_tokens": self.max_prompt_tokens,
-                        "eval_every": self.eval_every, "eval_prompts": self.eval_prompts}
-        for name, value in at_least_one.items():
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.samples_per_prompt, int) and self.samples_per_prompt >= 2):
-            raise ValueError(f"samples_per_prompt must be an integer >= 2, got {self.samples_per_prompt!r}")
-        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
-            raise ValueError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError(f"weight_decay and max_grad_norm must be >= 0, got {self.weight_decay}, {self.max_grad_norm}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)                          # noqa: E731
+        for name in ("beta", "lr", "temperature"):
+            if not (number(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name, least in (("steps", 1), ("pairs_per_step", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
+                            ("eval_every", 1), ("eval_prompts", 1), ("samples_per_prompt", 2),
+                            ("checkpoint_every", 0), ("seed", 0)):
+            if not (integer(getattr(self, name)) and getattr(self, name) >= least):
+                raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)!r}")
+        uses_response_term = (self.route_pr > 0 and self.pr_response_coef > 0) or (self.route_pp > 0 and self.pp_coef > 0)
+        if self.temperature != 1.0 and uses_response_term and self.response_mode == "exact":
+            warnings.warn(f"temperature={self.temperature} samples from a tempered policy, not pi_theta: the "
+                          "exact response term (and the eval KL estimate) assume temperature 1", stacklevel=3)
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
         if self.generation_cache not in ("dynamic", "static"):

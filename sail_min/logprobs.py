@@ -43,7 +43,11 @@ from torch.utils.checkpoint import checkpoint
 
 def _chunk_token_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor,
                           targets: torch.Tensor) -> torch.Tensor:
-    """log pi(y_t | ...) = z_t[y_t] - logsumexp_v z_t[v] for a chunk of tokens, z = lm_head(h) in fp32."""
+    """log pi(y_t | ...) = z_t[y_t] - logsumexp_v z_t[v] for a chunk of tokens, z = lm_head(h).
+
+    The logits come out of lm_head in the model's (or autocast's) dtype and are upcast to fp32
+    before the gather and the logsumexp; under bf16 autocast the per-sequence sums then differ
+    from an fp32 computation by round-off of the bf16 matmul (~1e-2 nats on the tiny model)."""
     logits = lm_head(hidden).float()                                      # z: [chunk, V], this chunk only
     target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # z_t[y_t]
     return target_logits - logits.logsumexp(dim=-1)                      # z_t[y_t] - logsumexp z_t

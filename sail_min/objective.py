@@ -81,18 +81,19 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
-def _check_same_shape(**tensors: torch.Tensor) -> None:
+def _check_same_shape(check_finite: bool = True, **tensors: torch.Tensor) -> None:
     names = list(tensors)
+    for name in names:
+        if not isinstance(tensors[name], torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensors[name]).__name__}")
     shape = tensors[names[0]].shape
     for name in names:
         t = tensors[name]
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != shape:
             raise ValueError(
                 f"shape mismatch: {names[0]} has shape {tuple(shape)} but {name} has {tuple(t.shape)}"
             )
-        if not torch.isfinite(t).all():
+        if check_finite and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t)).nonzero()[0].tolist()
             raise ValueError(f"{name} has a non-finite value at index {bad}: {t[tuple(bad)].item()}")
 
@@ -117,10 +118,15 @@ def dpo_logits(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
+    check_finite: bool = True,
 ) -> torch.Tensor:
-    r"""z = beta * ((l_w - l_ref,w) - (l_l - l_ref,l)), one logit per pair."""
+    r"""z = beta * ((l_w - l_ref,w) - (l_l - l_ref,l)), one logit per pair.
+
+    ``check_finite=False`` lets a non-finite log-prob through (a training loop that skips
+    non-finite steps wants the loss, not an exception)."""
     _check_beta(beta)
     _check_same_shape(
+        check_finite,
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
@@ -192,8 +198,8 @@ def label_term(z: torch.Tensor) -> torch.Tensor:
         -1/2 (log sig(z))^2,   gradient  -log sig(z) * grad log sig(z)
 
     In expectation over the label (w > l with probability sig(z)) its gradient is the
-    gradient of the negative binary entropy of sig(z) (see ``sail_min.bandit``), so
-    minimising it sharpens the model's own preferences.
+    gradient of the binary entropy H(sig(z)) (checked in ``tests/test_bandit.py``), so
+    minimising it lowers H: it sharpens the model's own preferences.
     """
     return -0.5 * F.logsigmoid(z) ** 2
 
@@ -257,6 +263,7 @@ def sail_loss(
     groups: torch.Tensor | None = None,
     grad_accumulation_steps: int = 1,
     weights: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> SAILLoss:
     r"""The SAIL surrogate for a batch of labelled pairs.
 
@@ -267,13 +274,15 @@ def sail_loss(
     ``grad_accumulation_steps`` only scales the public mode, as the hook was not divided by it.
     ``weights`` (per pair, default 1/n_pairs: the batch mean) replace the mean by
     sum_i weights_i * term_i, e.g. probabilities when enumerating pairs exactly, or 1/n_s
-    for pairs of independent runs s stacked in one batch.
+    for pairs of independent runs s stacked in one batch. ``check_finite=False``: a non-finite
+    log-prob gives a non-finite loss instead of an error.
     """
     if response_mode not in RESPONSE_MODES:
         raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {response_mode!r}")
     if not (isinstance(grad_accumulation_steps, int) and grad_accumulation_steps >= 1):
         raise ValueError(f"grad_accumulation_steps must be an int >= 1, got {grad_accumulation_steps!r}")
-    z = dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    z = dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                   check_finite)
     if z.ndim != 1 or z.numel() == 0:
         raise ValueError(f"expected one log-prob per pair (a non-empty 1-D tensor), got shape {tuple(z.shape)}")
     if weights is None:
@@ -362,8 +371,8 @@ class Recipe:
         zero = 0.0
         response = torch.tensor([zero, zero, self.pp_coef, self.pr_response_coef], dtype=dtype)
         label = torch.tensor([zero, self.dp_label_coef, self.pp_coef, zero], dtype=dtype)
-        route_ids = route_ids.cpu()
-        return response[route_ids].to(route_ids.device), label[route_ids].to(route_ids.device)
+        device, route_ids = route_ids.device, route_ids.cpu()
+        return response[route_ids].to(device), label[route_ids].to(device)
 
 
 PRESETS = {

@@ -70,17 +70,21 @@ def step_seed(seed: int, step: int, process: int, purpose: str) -> int:
 def truncate_prompts_left(tokenizer, prompts: Sequence, max_tokens: int) -> tuple[list, int]:
     """Cut over-long prompts from the left; return (prompts, how many were cut).
 
-    Plain text keeps its last ``max_tokens`` tokens. A conversation (message list) is measured
-    as the policy reads it, chat template included: its oldest non-system messages are dropped
+    Without a chat template, plain text keeps its last ``max_tokens`` tokens. Otherwise a prompt
+    (a string becomes one user message) is measured as the policy reads it, template included: its oldest non-system messages are dropped
     while more than one remains, then the first remaining non-system message loses tokens from
     its start until the whole fits (the template's own tokens are never cut).
     """
     out, cut = [], 0
     for prompt in prompts:
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and tokenizer.chat_template is None:
             ids = tokenizer(prompt, add_special_tokens=False).input_ids
             if len(ids) > max_tokens:
                 prompt, cut = tokenizer.decode(ids[-max_tokens:]), cut + 1
+        elif isinstance(prompt, str):               # the sampler will wrap it as one user message
+            user = [{"role": "user", "content": prompt}]
+            if _prompt_length(tokenizer, user) > max_tokens:
+                prompt, cut = _truncate_conversation(tokenizer, user, max_tokens)[0]["content"], cut + 1
         elif _prompt_length(tokenizer, prompt) > max_tokens:
             prompt, cut = _truncate_conversation(tokenizer, prompt, max_tokens), cut + 1
         out.append(prompt)
@@ -95,9 +99,12 @@ def _prompt_length(tokenizer, messages: list[dict]) -> int:
 def _truncate_conversation(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
     messages = [dict(m) for m in messages]
     body = [i for i, m in enumerate(messages) if m["role"] != "system"]
-    while len(body) > 1 and _prompt_length(tokenizer, messages) > max_tokens:   # drop the oldest turns
-        del messages[body[0]]
-        body = [i for i, m in enumerate(messages) if m["role"] != "system"]
+    while len(body) > 1 and _prompt_length(tokenizer, messages) > max_tokens:   # drop the oldest turns,
+        del messages[body[0]]                                                      # never starting with
+        body = [i for i, m in enumerate(messages) if m["role"] != "system"]        # an assistant turn
+        while len(body) > 1 and messages[body[0]]["role"] == "assistant":
+            del messages[body[0]]
+            body = [i for i, m in enumerate(messages) if m["role"] != "system"]
     first = body[0]
     for _ in range(8):                         # re-tokenising can merge tokens: a few rounds at most
         overflow = _prompt_length(tokenizer, messages) - max_tokens
@@ -157,17 +164,24 @@ def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: S
     policy.train(was_training)
     wins = (scores > reference_scores).float() + 0.5 * (scores == reference_scores).float()
     return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
+            "eval/reference_judge_reward": reference_scores.mean().item(),
             "eval/win_rate": wins.mean().item(), "eval/kl": (policy_logps - ref_logps).mean().item(),
             "eval/response_length": samples.lengths.float().mean().item(),
             "eval/contains_eos": samples.contains_eos.float().mean().item()}
 
 
-def _save_checkpoint(path: Path, policy, optimizer, next_step: int, counters: dict, scaler=None) -> None:
+RESUMABLE_CHANGES = ("steps", "output_dir", "eval_every", "checkpoint_every")
+"""Settings a resumed run may change: how long it runs and how often it evaluates and saves."""
+
+
+def _save_checkpoint(path: Path, config: SAILConfig, policy, optimizer, next_step: int, counters: dict,
+                     scaler=None) -> None:
     """The trainable weights (frozen ones never change), optimizer, step and counters.
     Atomic: a run killed while saving keeps its previous checkpoint."""
     tmp = path.with_suffix(".tmp")
     trainable = {name: p.detach() for name, p in policy.named_parameters() if p.requires_grad}  # LoRA: adapters only
     torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "next_step": next_step,
+                "config": asdict(config),
                 "counters": counters, "scaler": scaler.state_dict() if scaler else None}, tmp)
     os.replace(tmp, path)
 
@@ -262,7 +276,8 @@ def pair_loss(logps, first_is_chosen: torch.Tensor, routes: torch.Tensor, config
     return sail_loss(torch.where(pick, pol1, pol2), torch.where(pick, pol2, pol1),
                      torch.where(pick, ref1, ref2), torch.where(pick, ref2, ref1), config.beta,
                      response_coef=response_coef, label_coef=label_coef,
-                     response_mode=config.response_mode, baseline=config.baseline)
+                     response_mode=config.response_mode, baseline=config.baseline,
+                     check_finite=False)          # a non-finite log-prob: optimizer_step skips the step
 
 
 def optimizer_step(loss: torch.Tensor, policy, optimizer, scaler, config: SAILConfig, accelerator) -> bool:
@@ -341,9 +356,16 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     start = 0
     if resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=accelerator.device, weights_only=False)
-        unexpected = policy.load_state_dict(state["model"], strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"{checkpoint_path} does not fit this policy: unexpected weights {unexpected[:3]}")
+        changed = sorted(k for k, v in state["config"].items()
+                         if k not in RESUMABLE_CHANGES and getattr(config, k) != v)
+        if changed:
+            raise ValueError(f"{checkpoint_path} was written with other settings: {changed}; "
+                             f"use another output_dir or the same settings to resume")
+        keys = policy.load_state_dict(state["model"], strict=False)
+        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+        if keys.unexpected_keys or trainable & set(keys.missing_keys):
+            raise ValueError(f"{checkpoint_path} does not fit this policy: unexpected weights "
+                             f"{keys.unexpected_keys[:3]}, missing {sorted(trainable & set(keys.missing_keys))[:3]}")
         optimizer.load_state_dict(state["optimizer"])
         start, counters = state["next_step"], state["counters"]
         if scaler is not None and state.get("scaler"):
@@ -355,6 +377,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
                desc=f"train {config.output_dir}")
     for step in bar:
         seed = lambda purpose: step_seed(config.seed, step, rank, purpose)  # noqa: E731
+        torch.manual_seed(seed("dropout"))        # dropout masks, if any: resumable like the rest
         t0 = time.perf_counter()
         pairs = draw_pairs(policy, tokenizer, task, config, accelerator, seed)                 # 1-2. route, sample
         t1 = time.perf_counter()
@@ -384,7 +407,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
-            _save_checkpoint(checkpoint_path, policy, optimizer, step + 1, counters, scaler)
+            _save_checkpoint(checkpoint_path, config, policy, optimizer, step + 1, counters, scaler)
     accelerator.wait_for_everyone()
     _check_in_sync(policy, accelerator)
     return history

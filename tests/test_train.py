@@ -42,9 +42,15 @@ def test_config_presets_and_errors():
         SAILConfig.preset("sail-pr", stpes=3)
     for field, value in [("beta", 0), ("lr", -1e-3), ("steps", 0), ("samples_per_prompt", 1),
                          ("baseline", "mean"), ("optimizer", "sgd"), ("route_pr", 0.5),
-                         ("response_mode", "hook"), ("temperature", float("nan"))]:
+                         ("response_mode", "hook"), ("temperature", float("nan")), ("max_grad_norm", float("nan")),
+                         ("weight_decay", -1.0), ("steps", True), ("seed", -1)]:
         with pytest.raises(ValueError, match=field):
             SAILConfig(**{field: value})
+
+
+def test_tempered_sampling_with_the_exact_response_term_warns():
+    with pytest.warns(UserWarning, match="temperature 1"):
+        SAILConfig.preset("sail-pr", temperature=0.7)
 
 
 def test_every_field_has_a_docstring():
@@ -109,6 +115,9 @@ def test_training_is_deterministic_logs_every_term_and_resumes_exactly(sentiment
 
     resumed = killed_then_resumed(config.replace(output_dir=str(tmp_path / "resumed")), load_base_model, task)
     assert strip_timing(resumed) == strip_timing(full)
+    # a checkpoint refuses to resume a run with other settings, naming them
+    with pytest.raises(ValueError, match=r"other settings: \['beta'\]"):
+        train(config.replace(beta=0.2), *load_base_model(), task, resume=True, progress=False)
 
 
 def killed_then_resumed(config, load_policy, task):
