@@ -243,3 +243,14 @@ def test_static_generation_cache_gives_the_same_run_as_the_dynamic_one_for_a_fix
                 assert static[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
             else:
                 assert static[key] == value, key
+
+
+def test_non_finite_log_probs_skip_the_step_instead_of_raising(sentiment, tmp_path, monkeypatch):
+    """e.g. an fp16 overflow in the policy's forward pass."""
+    import sail_min.train as train_module
+    real = train_module._logps
+    monkeypatch.setattr(train_module, "_logps", lambda *a, **k: tuple(t * float("inf") for t in real(*a, **k)))
+    config = SAILConfig.preset("online-dpo", **{**SMALL, "steps": 2}, output_dir=str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        history = train(config, *load_base_model(), make_task(sentiment), progress=False)
+    assert history[-1]["skipped_steps"] == 2
