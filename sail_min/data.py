@@ -190,6 +190,11 @@ def _split_implicit_prompt(row: dict, where: str) -> dict:
     if shared == 0:
         raise DataError(f"{where}: no 'prompt' field and 'chosen' and 'rejected' share no leading "
                         f"messages to take the prompt from")
+    if shared == min(len(chosen), len(rejected)):
+        raise DataError(f"{where}, fields 'chosen' and 'rejected': "
+                        + ("identical conversations" if len(chosen) == len(rejected) else
+                           "one conversation is a prefix of the other")
+                        + ", so one of them has no response after the prompt")
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 

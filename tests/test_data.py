@@ -144,3 +144,12 @@ def test_hub_name_offline_fails_fast_with_a_data_error():
 
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
+
+
+def test_identical_implicit_conversations_name_both_fields(tmp_path):
+    from sail_min.data import DataError, load_preference_data
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "same.jsonl"
+    path.write_text(json.dumps({"chosen": turn, "rejected": turn}) + "\n")
+    with pytest.raises(DataError, match=r"row 0.*fields 'chosen' and 'rejected': identical conversations"):
+        load_preference_data(path)
