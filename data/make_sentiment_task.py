@@ -217,7 +217,7 @@ def build_model(tokenizer, args):
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.d_model, intermediate_size=2 * args.d_model,
         num_hidden_layers=args.n_layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=64, tie_word_embeddings=True,
+        max_position_embeddings=1024, tie_word_embeddings=True,  # rotary: only a limit
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)

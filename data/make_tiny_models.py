@@ -145,7 +145,7 @@ def chat(prompt: str, response: str) -> list[dict]:
 def train_policy(tokenizer, texts: list[str], steps: int = 400, batch_size: int = 32) -> Qwen2ForCausalLM:
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     model = Qwen2ForCausalLM(config)
@@ -171,7 +171,7 @@ def train_policy(tokenizer, texts: list[str], steps: int = 400, batch_size: int 
 def train_reward_model(tokenizer, pairs: list[dict], steps: int = 300, batch_size: int = 32):
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
         num_labels=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None)
     model = LlamaForSequenceClassification(config)

@@ -17,35 +17,28 @@ import time
 
 
 def _compare(args) -> int:
-    from .compare import QUICK, ComparisonSetup, format_table, run_comparison, write_results
+    from .compare import format_table, write_results
+    from .tasks.sentiment import REWARD_LABEL, main_job
 
-    setup = dataclasses.replace(QUICK if args.quick else ComparisonSetup(),
-                                **({"seeds": args.seeds} if args.seeds else {}))
     start = time.perf_counter()
-    results = run_comparison(setup, args.out, progress=not args.quick, resume=args.resume)
-    print(format_table(results))
-    paths = write_results(results, args.out)
+    results = main_job(args.out, seeds=args.seeds or (2 if args.quick else 5), quick=args.quick,
+                       resume=args.resume, progress=not args.quick)
+    print(format_table(results, labels_column="judge_queries", labels_title="judge queries"))
+    paths = write_results(results, args.out, REWARD_LABEL)
     print(f"wrote {', '.join(map(str, paths))} and per-run metrics.jsonl under {args.out} "
           f"in {time.perf_counter() - start:.0f} s")
     return 0
 
 
-def _train(args) -> int:
-    import torch
-
-    from .compare import sentiment_task
-    from .config import SAILConfig
-    from .tasks.sentiment import load_base_model
-    from .train import train
-
-    torch.set_num_threads(args.threads)
-    overrides = {"steps": args.steps, "seed": args.seed, "output_dir": args.out}
-    for item in args.set or []:
+def parse_set(items, fields: dict) -> dict:
+    """--set FIELD=VALUE items as SAILConfig fields of the right type (a clear message otherwise)."""
+    overrides = {}
+    for item in items or []:
         key, _, value = item.partition("=")
-        field = {f.name: f for f in dataclasses.fields(SAILConfig)}.get(key)
-        if field is None or not value:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field")
-        kind = type(getattr(SAILConfig(), key))
+        if key not in fields or not value:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field "
+                             f"({', '.join(sorted(fields))})")
+        kind = type(fields[key])
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise SystemExit(f"--set {item!r}: {key} takes true or false")
@@ -55,8 +48,23 @@ def _train(args) -> int:
                 overrides[key] = value if kind is str else kind(value)
             except ValueError:
                 raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}") from None
+    return overrides
+
+
+def _train(args) -> int:
+    import torch
+
+    from .config import SAILConfig
+    from .tasks.sentiment import load_base_model, sentiment_task
+    from .train import train
+
+    torch.set_num_threads(args.threads)
     try:
-        config = SAILConfig.preset(args.preset, **overrides)
+        base = SAILConfig.from_json(args.config).to_dict() if args.config else {}
+        overrides = {**base, **parse_set(args.set, SAILConfig().to_dict()),
+                     **{k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("output_dir", args.out))
+                        if v is not None}}
+        config = SAILConfig.preset(args.preset, **overrides) if not args.config else SAILConfig.from_dict(overrides)
     except ValueError as error:                       # a bad value: the message names the field
         raise SystemExit(f"invalid configuration: {error}") from None
     policy, tokenizer = load_base_model()
@@ -75,7 +83,8 @@ def _bandit(args) -> int:
 
     torch.set_num_threads(1)  # tensors of a few hundred numbers: extra threads only add overhead
     start = time.perf_counter()
-    results = run_bandit_comparison(BanditSetup(n_seeds=args.seeds, steps=args.steps))
+    changes = {k: v for k, v in (("n_seeds", args.seeds), ("steps", args.steps)) if v is not None}
+    results = run_bandit_comparison(BanditSetup(**changes))
     print(format_table(results))
     json_path, png_path = write_results(results, args.out)
     print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.1f} s")
@@ -95,8 +104,9 @@ def main(argv=None) -> int:
 
     one = commands.add_parser("train", help="one run of a preset on the toy task")
     one.add_argument("--preset", default="sail-pr", help="offline-dpo, online-dpo, sail-pr, sail-pp, sail-dp")
-    one.add_argument("--steps", type=int, default=42)
-    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--config", help="a run's config.json (or any JSON object of SAILConfig fields)")
+    one.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the config's, 42)")
+    one.add_argument("--seed", type=int, default=None, help="seed (default 0)")
     one.add_argument("--out", default="outputs/train", help="output folder (metrics, checkpoint)")
     one.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     one.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
@@ -104,8 +114,8 @@ def main(argv=None) -> int:
 
     bandit = commands.add_parser("bandit", help="the bandit comparison (notebook 02)")
     bandit.add_argument("--out", default="outputs/bandit", help="output folder (default: outputs/bandit)")
-    bandit.add_argument("--seeds", type=int, default=5, help="runs per method (default 5)")
-    bandit.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    bandit.add_argument("--seeds", type=int, default=None, help="runs per method (default 5)")
+    bandit.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
 
     commands.add_parser("check", help="verify the derivation numerically")
 
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]                             # bare `python -m sail_min [--quick ...]`
     args = parser.parse_args(argv)
-    for name in ("seeds", "steps"):
+    for name in ("seeds", "steps", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")

@@ -7,7 +7,7 @@ can only estimate can be computed exactly by enumerating all K x K pairs and bot
 
   * the optimum of KL-regularised reward maximisation, in closed form
         pi*(y|x) = softmax(log pi_ref(y|x) + r*(x,y) / beta)
-  * the single-level SAIL objective of every kind of pair (see ``objective.ROUTES``)
+  * the single-level SAIL objective of every kind of pair (see ``config.ROUTES``)
         J(theta) = mean_x sum_{i,j} q(i,j|x) [ P(i>j) log sig(z_ij) + P(j>i) log sig(z_ji) ]
     with q = pi_theta x pi_theta (policy pairs) or a fixed pair distribution (dataset
     pairs), P = the oracle sig(r*_i - r*_j), the dataset's labels, or the policy's own
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .objective import LABELS_FROM, RESPONSES_FROM, ROUTES, Recipe, sail_loss
+from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
+from .objective import sail_loss
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _pair_and_label_probs(theta, bandit, route, dataset_pair_probs, dataset_labe
     labels = LABELS_FROM[route]
     if labels == "policy":
         prefs = torch.sigmoid(pair_logits(theta, bandit))
-    elif labels == "oracle" or dataset_label_probs is None:
+    elif labels == "judge" or dataset_label_probs is None:
         prefs = bandit.oracle_prefs
     else:
         prefs = dataset_label_probs
@@ -188,23 +189,23 @@ def _label_with(prefs, y1, y2, generator):
     return torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
 
 
-def sample_pairs(theta, bandit: Bandit, recipe: Recipe, pairs_per_prompt: int, generator,
+def sample_pairs(theta, bandit: Bandit, config: SAILConfig, pairs_per_prompt: int, generator,
                  offline_chosen=None, offline_rejected=None) -> tuple:
     """Draw a labelled batch for each run: theta [S, M, K] -> (chosen, rejected, route), [S, M, N].
 
-    Each pair is routed to dpo / dp / pp / pr with ``recipe.route_probs`` (see
-    ``objective.ROUTES``): dataset pairs are a uniform draw from the run's offline pairs
-    (required when the recipe routes anything to the dataset), policy pairs two fresh samples
+    Each pair is routed to dpo / dp / pp / pr with ``config.route_probs`` (see
+    ``config.ROUTES``): dataset pairs are a uniform draw from the run's offline pairs
+    (required when the config routes anything to the dataset), policy pairs two fresh samples
     of pi_theta; labels come from the dataset, the oracle, or the policy's Bradley-Terry model.
     """
     S, M, K = theta.shape
     N = pairs_per_prompt
     with torch.no_grad():
-        route_probs = torch.tensor(recipe.route_probs, dtype=theta.dtype)
+        route_probs = torch.tensor(config.route_probs, dtype=theta.dtype)
         route = torch.multinomial(route_probs, S * M * N, replacement=True, generator=generator).view(S, M, N)
         if offline_chosen is None:
-            if recipe.route_dpo + recipe.route_dp > 0:
-                raise ValueError("this recipe routes pairs to the dataset: pass offline_chosen/offline_rejected")
+            if config.route_dpo + config.route_dp > 0:
+                raise ValueError("this config routes pairs to the dataset: pass offline_chosen/offline_rejected")
             offline_chosen = offline_rejected = torch.zeros(S, M, 1, dtype=torch.long)
         pick = torch.randint(offline_chosen.shape[-1], (S, M, N), generator=generator)
         d_chosen, d_rejected = offline_chosen.gather(2, pick), offline_rejected.gather(2, pick)
@@ -222,19 +223,19 @@ def sample_pairs(theta, bandit: Bandit, recipe: Recipe, pairs_per_prompt: int, g
     return chosen, rejected, route
 
 
-def batch_loss(theta, bandit: Bandit, recipe: Recipe, chosen, rejected, route, baseline="loo"):
+def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline="loo"):
     """``sail_loss`` of sampled pairs [S, M, N] for S independent runs: the sum over runs of
     each run's batch mean, with the leave-one-out baseline (if any) taken per (run, prompt)."""
     S, M, N = chosen.shape
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     log_pi = torch.log_softmax(theta, -1)
     log_ref = bandit.log_ref.expand_as(log_pi)
-    response_coef, label_coef = recipe.coefficients(route.flatten(), theta.dtype)
+    response_coef, label_coef = config.coefficients(route.flatten(), theta.dtype)
     return sail_loss(
         log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten(),
         log_ref[s_idx, x_idx, chosen].flatten(), log_ref[s_idx, x_idx, rejected].flatten(),
         bandit.beta, response_coef=response_coef, label_coef=label_coef,
-        response_mode=recipe.response_mode, baseline=baseline,
+        response_mode=config.response_mode, baseline=baseline,
         groups=(s_idx * M + x_idx).expand(S, M, N).flatten(),
         weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype),
     )
@@ -249,7 +250,7 @@ def log_policy(history: dict, step: int, theta: torch.Tensor, bandit: Bandit) ->
         history[key].append(value.tolist())
 
 
-def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_prompt=16,
+def train(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pairs_per_prompt=16,
           offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0) -> dict:
     """Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
 
@@ -269,10 +270,10 @@ def train(bandit: Bandit, recipe: Recipe, n_seeds=3, steps=1000, pairs_per_promp
             log_policy(history, step, theta, bandit)
         if step == steps:
             break
-        chosen, rejected, route = sample_pairs(theta, bandit, recipe, pairs_per_prompt, g,
+        chosen, rejected, route = sample_pairs(theta, bandit, config, pairs_per_prompt, g,
                                                offline_chosen, offline_rejected)
         opt.zero_grad()
-        batch_loss(theta, bandit, recipe, chosen, rejected, route).loss.backward()
+        batch_loss(theta, bandit, config, chosen, rejected, route).loss.backward()
         for s, run in enumerate(runs):
             if not torch.isfinite(run.grad).all():   # Adam skips a parameter whose grad is None
                 run.grad = None

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bandit import expected_reward, kl, make_bandit, train
-from .objective import PRESETS, Recipe
+from .config import SAILConfig
 
 
 @dataclass
@@ -41,22 +41,22 @@ class BanditSetup:
     n_seeds: int = 5
     """independent runs per method (dataset and samples differ)"""
     methods: dict = field(default_factory=lambda: dict(BANDIT_METHODS))
-    """name -> Recipe"""
+    """name -> SAILConfig (only its routing and coefficient fields matter here)"""
 
 
 BANDIT_METHODS = {
-    "offline DPO": PRESETS["offline-dpo"],
-    "online DPO": PRESETS["online-dpo"],
-    "SAIL-PR": PRESETS["sail-pr"],
-    "SAIL-PR (public-code term)": Recipe(**{**asdict(PRESETS["sail-pr"]), "response_mode": "public"}),
-    "SAIL-PP": PRESETS["sail-pp"],
-    "SAIL-DP": PRESETS["sail-dp"],
+    "offline DPO": SAILConfig.preset("offline-dpo"),
+    "online DPO": SAILConfig.preset("online-dpo"),
+    "SAIL-PR": SAILConfig.preset("sail-pr"),
+    "SAIL-PR (public-code term)": SAILConfig.preset("sail-pr", response_mode="public"),
+    "SAIL-PP": SAILConfig.preset("sail-pp"),
+    "SAIL-DP": SAILConfig.preset("sail-dp"),
     # the control for SAIL-PR: the same 30% online pairs, response term off
-    "online DPO on 30% (control)": Recipe(route_dpo=0.7, route_pr=0.3),
+    "online DPO on 30% (control)": SAILConfig.preset("sail-pr", pr_response_coef=0.0),
     # coefficient sweep of the exact response term on top of 100% online DPO
-    "online DPO + response 0.1": Recipe(route_dpo=0.0, route_pr=1.0, pr_response_coef=0.1),
-    "online DPO + response 0.3": Recipe(route_dpo=0.0, route_pr=1.0, pr_response_coef=0.3),
-    "online DPO + response 1.0": Recipe(route_dpo=0.0, route_pr=1.0, pr_response_coef=1.0),
+    "online DPO + response 0.1": SAILConfig.preset("online-dpo", pr_response_coef=0.1),
+    "online DPO + response 0.3": SAILConfig.preset("online-dpo", pr_response_coef=0.3),
+    "online DPO + response 1.0": SAILConfig.preset("online-dpo", pr_response_coef=1.0),
 }
 
 
@@ -75,14 +75,14 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
         "reference_kl_opt": kl(bandit.ref_logits, bandit.optimal_logits).item(),
         "methods": {},
     }
-    for name, recipe in setup.methods.items():
+    for name, config in setup.methods.items():
         start = time.perf_counter()
-        history = train(bandit, recipe, n_seeds=setup.n_seeds, steps=setup.steps,
+        history = train(bandit, config, n_seeds=setup.n_seeds, steps=setup.steps,
                         pairs_per_prompt=setup.pairs_per_prompt,
                         offline_pairs_per_prompt=setup.offline_pairs_per_prompt, lr=setup.lr)
         seconds = time.perf_counter() - start
         final = {key: mean_std(history[key][-1]) for key in ("reward", "kl_ref", "kl_opt")}
-        results["methods"][name] = {"recipe": asdict(recipe), "history": history, "final": final,
+        results["methods"][name] = {"config": config.to_dict(), "history": history, "final": final,
                                     "seconds": seconds}
         if progress:
             progress(name)

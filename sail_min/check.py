@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bandit import Bandit, batch_loss, exact_objective, exact_surrogate_loss, make_bandit, sample_pairs
-from .objective import Recipe
+from .config import SAILConfig
 
 TOLERANCE = 1e-8
 VARIANTS = {  # name -> (route, what it is)
@@ -139,7 +139,7 @@ def bilevel_gradient(theta, bandit, labels="oracle") -> tuple[torch.Tensor, floa
 # --------------------------------------------------------------------------------------
 # Monte-Carlo estimates
 # --------------------------------------------------------------------------------------
-def monte_carlo_errors(theta, bandit, recipe: Recipe, route, batch_sizes=(4, 16, 64, 256, 1024),
+def monte_carlo_errors(theta, bandit, config: SAILConfig, route, batch_sizes=(4, 16, 64, 256, 1024),
                        repeats=16, seed=0, baseline="loo") -> list[float]:
     """Mean relative error of the sampled surrogate gradient (N pairs per prompt, baseline
     "loo" or "none") against its exact expectation, over ``repeats`` independent batches."""
@@ -148,8 +148,8 @@ def monte_carlo_errors(theta, bandit, recipe: Recipe, route, batch_sizes=(4, 16,
     errors = []
     for n in batch_sizes:
         thetas = theta.detach().expand(repeats, *theta.shape).clone().requires_grad_(True)
-        chosen, rejected, route_ids = sample_pairs(thetas, bandit, recipe, n, g)
-        batch_loss(thetas, bandit, recipe, chosen, rejected, route_ids, baseline).loss.backward()
+        chosen, rejected, route_ids = sample_pairs(thetas, bandit, config, n, g)
+        batch_loss(thetas, bandit, config, chosen, rejected, route_ids, baseline).loss.backward()
         errors.append(sum(relative_error(gr, exact) for gr in thetas.grad) / repeats)
     return errors
 
@@ -199,9 +199,9 @@ def run_check(seeds=(0, 1, 2), n_prompts=4, n_responses=5, beta=0.7, print_fn=pr
     print_fn(f"  online DPO (response term off) vs full SAIL-PR gradient: relative distance "
              f"{relative_error(online, full):.3f}, cosine {cos:.3f}")
     sizes = (4, 16, 64, 256, 1024)
-    for name, recipe, route in (("SAIL-PR", Recipe(route_dpo=0, route_pr=1, pr_response_coef=1), "pr"),
-                                ("SAIL-PP", Recipe(route_dpo=0, route_pp=1, pp_coef=1), "pp")):
-        errors = monte_carlo_errors(theta, bandit, recipe, route, sizes)
+    for name, config, route in (("SAIL-PR", SAILConfig(route_dpo=0, route_pr=1, pr_response_coef=1), "pr"),
+                                ("SAIL-PP", SAILConfig(route_dpo=0, route_pp=1, pp_coef=1), "pp")):
+        errors = monte_carlo_errors(theta, bandit, config, route, sizes)
         listed = ", ".join(f"N={n}: {e:.3f}" for n, e in zip(sizes, errors))
         print_fn(f"  Monte-Carlo {name} gradient, relative error vs exact: {listed}; "
                  f"log-log slope {slope(sizes, errors):.2f} (1/sqrt(N) is -0.50)")

@@ -1,148 +1,94 @@
-"""The main job: offline DPO, online DPO, SAIL-PR, SAIL-PP and SAIL-DP on the sentiment toy task.
+"""Compare methods on one task: every method, every seed, the same task, one table and one plot.
 
-Every method starts from the same tiny base policy (``data/sentiment/base``), takes the same
-number of steps with the same number of pairs per step, and is scored by the same third-party
-judge (VADER) on held-out prompts, for several seeds. Judge budget: the offline dataset holds
-``steps * pairs_per_step`` pairs at the default setup (672 = 42 x 16), so building it cost as
-many judge queries (2 per pair) as online DPO spends labelling its own samples. A method that
-mixes dataset pairs with judge-labelled online pairs (SAIL-PR) gets only the first
-``dataset_pairs - E[online judge pairs]`` dataset pairs, so that every method spends the same
-expected judge budget; the table reports each method's actual total (dataset construction
-included).
+A method is a preset name, or ``(label, preset, overrides)``; ``overrides`` (SAILConfig fields)
+apply to every method, and the seed is the run's index. Nothing here knows a particular task:
+a task's own rules (the toy task's equal judge budget, its axis label) come in through
+``task_for`` and ``reward_label`` (see ``sail_min.tasks.sentiment.main_job``). Judge labels counted
+are the calls the loop made (2 per judge-labelled pair); dataset labels are not judge calls.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from .config import SAILConfig
-from .tasks.sentiment import load_base_model, load_sentiment_task
 from .train import Task, train
-
-METHODS = ["offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp"]
-
-
-@dataclass
-class ComparisonSetup:
-    """What the comparison runs; everything else is the preset's default (``SAILConfig``)."""
-
-    methods: list = field(default_factory=lambda: list(METHODS))
-    """preset names, or (label, preset name, dict of SAILConfig overrides)"""
-    seeds: int = 5
-    """runs per method"""
-    steps: int = 42
-    """optimiser steps per run (42 x 16 pairs = one pass over the 672 offline pairs)"""
-    pairs_per_step: int = 16
-    """pairs per step"""
-    eval_every: int = 7
-    """evaluation cadence in steps"""
-    eval_prompts: int = 64
-    """held-out prompts per evaluation"""
-    lr: float = 5e-4
-    """AdamW learning rate (the tiny model trains from its own base weights)"""
-    beta: float = 0.1
-    """KL coefficient"""
-    threads: int = 1
-    """torch CPU threads: one is fastest for this 0.35M-parameter model (None: leave torch's setting)"""
-    config_overrides: dict = field(default_factory=dict)
-    """SAILConfig fields applied to every method (e.g. max_new_tokens, mixed_precision)"""
-
-
-QUICK = ComparisonSetup(seeds=2, steps=6, pairs_per_step=8, eval_every=3, eval_prompts=16)
-"""A CI-sized version: same code path, smaller numbers."""
 
 
 def mean_std(values) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value)."""
     values = list(values)
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def sentiment_task() -> Task:
-    """The toy task of ``sail_min.tasks.sentiment`` as the loop's ``Task``."""
-    sentiment = load_sentiment_task()
-    return Task(sentiment.preferences(), sentiment.train_prompts, sentiment.eval_prompts,
-                sentiment.judge, sentiment.bt_temperature)
+def method_name(method) -> tuple[str, str, dict]:
+    """(label, preset, overrides) of a method given as a preset name or as that triple."""
+    return (method, method, {}) if isinstance(method, str) else tuple(method)
 
 
-def run_comparison(setup: ComparisonSetup, out: str | Path, progress: bool = True,
-                   task: Task | None = None, load_policy=None, resume: bool = False) -> dict:
-    """Train every method for every seed; write metrics per run; return the results dict.
+def run_comparison(methods: Sequence, seeds: int, out: str | Path, task: Task, load_policy: Callable,
+                   overrides: dict | None = None, task_for: Callable | None = None, resume: bool = False,
+                   progress: bool = True) -> dict:
+    """Train every method for seeds 0..seeds-1; write per-run metrics under ``out/label/seedN``.
 
-    ``task`` and ``load_policy`` (a function returning a fresh ``(model, tokenizer)``) default to
-    the sentiment toy task and its base model; the final notebook passes a real model and data.
-    ``resume=True`` continues every run from its checkpoint in ``out`` (a finished run is read back
-    from its metrics), so an interrupted comparison loses at most ``checkpoint_every`` steps a run.
+    ``load_policy()`` returns a fresh ``(model, tokenizer)`` for each run. ``task_for(task, config)``
+    (optional) gives the task a run sees, e.g. a trimmed dataset. ``resume=True`` continues every run
+    from its checkpoint (a finished run is read back from its metrics), so an interrupted comparison
+    loses at most ``checkpoint_every`` steps a run.
     """
-    if setup.threads:
-        torch.set_num_threads(setup.threads)
-    task = task or sentiment_task()
-    load_policy = load_policy or load_base_model
     out = Path(out)
-    results = {"setup": asdict(setup), "dataset_pairs": len(task.preferences), "methods": {}}
-    for method in setup.methods:
-        name, preset, overrides = (method, method, {}) if isinstance(method, str) else method
+    results = {"overrides": dict(overrides or {}), "seeds": seeds, "methods": {}}
+    for method in methods:
+        label, preset, method_overrides = method_name(method)
         runs = []
-        for seed in range(setup.seeds):
+        for seed in range(seeds):
+            config = SAILConfig.preset(preset, **{**(overrides or {}), **method_overrides, "seed": seed,
+                                                  "output_dir": str(out / label / f"seed{seed}")})
+            run_task = task_for(task, config) if task_for else task
             policy, tokenizer = load_policy()
-            config = SAILConfig.preset(preset, steps=setup.steps, pairs_per_step=setup.pairs_per_step,
-                                       eval_every=setup.eval_every, eval_prompts=setup.eval_prompts,
-                                       lr=setup.lr, beta=setup.beta, seed=seed,
-                                       output_dir=str(out / name / f"seed{seed}"),
-                                       **{**setup.config_overrides, **overrides})
-            run_task = _equal_judge_budget(task, config)
             start = time.perf_counter()
             history = train(config, policy, tokenizer, run_task, resume=resume, progress=progress)
             seconds = time.perf_counter() - start
             del policy                                    # free it (and its compiled graphs) before the next
-            final = history[-1]
-            reads_dataset = config.route_dpo + config.route_dp > 0
-            runs.append({
-                "seed": seed, "seconds": seconds,
-                "judge_reward": final["eval/judge_reward"], "win_rate": final["eval/win_rate"],
-                "reference_judge_reward": final["eval/reference_judge_reward"],
-                "kl": final["eval/kl"], "response_length": final["eval/response_length"],
-                "judge_queries": final["judge_queries"] + (2 * len(run_task.preferences) if reads_dataset else 0),
-                "dataset_pairs": len(run_task.preferences) if reads_dataset else 0,
-                "skipped_steps": final["skipped_steps"],
-                "curve": [(h["step"] + 1, h["eval/judge_reward"], h["eval/kl"]) for h in history
-                          if "eval/judge_reward" in h],
-            })
-        results["methods"][name] = {"config": asdict(config), "runs": runs}
-    # the reference (= base) policy's samples that every win rate is measured against
+            runs.append(summarise_run(history, seed, seconds, run_task))
+        results["methods"][label] = {"config": config.to_dict(), "runs": runs}
+    # the reference (= base) policy's samples, which every win rate is measured against
     first_runs = next(iter(results["methods"].values()))["runs"]
     results["base_judge_reward"] = statistics.fmean(r["reference_judge_reward"] for r in first_runs)
     return results
 
 
-def _equal_judge_budget(task: Task, config: SAILConfig) -> Task:
-    """Trim the dataset by the expected number of judge-labelled online pairs (2 queries each)."""
-    if config.route_pr == 0 or config.route_dpo + config.route_dp == 0:
-        return task
-    online_pairs = round(config.route_pr * config.steps * config.pairs_per_step)
-    keep = max(1, len(task.preferences) - online_pairs)
-    return dataclasses.replace(task, preferences=task.preferences[:keep])
+def summarise_run(history: list[dict], seed: int, seconds: float, task: Task) -> dict:
+    """The numbers of one run that the table and the plots use."""
+    if not history or "eval/judge_reward" not in history[-1]:
+        raise ValueError(f"run of seed {seed} has no final evaluation in its metrics: "
+                         "delete its folder or re-run it with --resume")
+    final = history[-1]
+    return {"seed": seed, "seconds": seconds, "judge_reward": final["eval/judge_reward"],
+            "win_rate": final["eval/win_rate"], "reference_judge_reward": final["eval/reference_judge_reward"],
+            "kl": final["eval/kl"], "response_length": final["eval/response_length"],
+            "judge_labels": final["judge_queries"], "dataset_pairs": len(task.preferences),
+            "skipped_steps": final["skipped_steps"],
+            "curve": [(h["step"] + 1, h["eval/judge_reward"], h["eval/kl"]) for h in history if "eval/judge_reward" in h]}
 
 
-def format_table(results: dict) -> str:
-    """judge reward, win rate vs base, KL to base (mean +- std over seeds), judge queries, wall time."""
+def format_table(results: dict, labels_column: str = "judge_labels", labels_title: str = "judge labels") -> str:
+    """judge reward, win rate vs base, KL to base (mean +- std over seeds), labels spent, wall time."""
     methods = results["methods"]
     base_time = statistics.fmean(r["seconds"] for r in next(iter(methods.values()))["runs"])
-    head = (f"{'method':14s} {'judge reward':>15s} {'win rate vs base':>17s} {'KL to base':>14s} "
-            f"{'judge queries':>13s} {'wall s':>7s} {'x first':>7s}")
+    head = (f"{'method':22s} {'judge reward':>15s} {'win rate vs base':>17s} {'KL to base':>14s} "
+            f"{labels_title:>13s} {'wall s':>7s} {'x first':>7s}")
     lines = [head, "-" * len(head)]
     for name, m in methods.items():
         runs = m["runs"]
         cells = [mean_std(r[key] for r in runs) for key in ("judge_reward", "win_rate", "kl")]
         seconds = statistics.fmean(r["seconds"] for r in runs)
-        queries = statistics.fmean(r["judge_queries"] for r in runs)
-        lines.append(f"{name:14s} {cells[0][0]:7.3f} +- {cells[0][1]:.3f} {cells[1][0]:8.3f} +- {cells[1][1]:.3f} "
-                     f"{cells[2][0]:6.2f} +- {cells[2][1]:.2f} {queries:13.0f} {seconds:7.1f} {seconds / base_time:7.2f}")
+        labels = statistics.fmean(r[labels_column] for r in runs)
+        lines.append(f"{name:22s} {cells[0][0]:7.3f} +- {cells[0][1]:.3f} {cells[1][0]:8.3f} +- {cells[1][1]:.3f} "
+                     f"{cells[2][0]:6.2f} +- {cells[2][1]:.2f} {labels:13.0f} {seconds:7.1f} {seconds / base_time:7.2f}")
     lines.append("-" * len(head))
     n = len(next(iter(methods.values()))["runs"])
     lines.append(f"base policy judge reward {results['base_judge_reward']:.3f}; mean +- std over {n} seeds; "
@@ -150,7 +96,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(results: dict, path=None):
+def plot_comparison(results: dict, reward_label: str = "judge reward", path=None):
     """Left: judge reward vs KL to base (each seed, and the mean). Right: judge reward vs step."""
     import matplotlib.pyplot as plt
 
@@ -167,11 +113,11 @@ def plot_comparison(results: dict, path=None):
         ax_curve.plot([0] + steps, [results["base_judge_reward"]] + [s for s, _ in stats], color=color, label=name)
         ax_curve.fill_between(steps, [a - b for a, b in stats], [a + b for a, b in stats], color=color, alpha=0.15)
     ax_front.set_xlabel("KL(pi || pi_base) on held-out prompts (nats per response)")
-    ax_front.set_ylabel("judge reward (VADER compound, -1..1)")
-    ax_front.set_title("reward vs KL frontier (small dots: seeds)")
+    ax_front.set_ylabel(reward_label)
+    ax_front.set_title("reward vs KL (small dots: seeds)")
     ax_front.legend(fontsize=8)
     ax_curve.set_xlabel("training step")
-    ax_curve.set_ylabel("judge reward (VADER compound, -1..1)")
+    ax_curve.set_ylabel(reward_label)
     ax_curve.set_title("learning curves (mean +- std over seeds)")
     fig.tight_layout()
     if path:
@@ -179,12 +125,13 @@ def plot_comparison(results: dict, path=None):
     return fig
 
 
-def write_results(results: dict, out: str | Path) -> list[Path]:
+def write_results(results: dict, out: str | Path, reward_label: str = "judge reward") -> list[Path]:
+    """results.json and comparison.png in ``out``."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "results.json", out / "comparison.png"
     json_path.write_text(json.dumps(results, indent=1))
-    plt.close(plot_comparison(results, png_path))
+    plt.close(plot_comparison(results, reward_label, png_path))
     return [json_path, png_path]

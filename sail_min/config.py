@@ -1,31 +1,81 @@
-"""SAILConfig: every knob of a training run, one docstring each, and the named presets.
+"""SAILConfig: every knob of a run, one default and one docstring each; the routes; the presets.
 
-The routing and coefficient fields come from ``objective.Recipe`` (SAILConfig extends it), so
-the bandit and the language-model loop share one definition of what each variant is.
-Presets (``SAILConfig.preset(name, **overrides)``) follow the public SAIL code's defaults
-(configs/tasks.yaml) where they apply: SAIL-DP r=0.4 rho=0.2, SAIL-PP p=0.3 pi=0.2,
-SAIL-PR g=0.3 gamma=0.3, the rest of the pairs offline DPO; beta=0.1. The public code used
-RMSprop at lr 1e-5 with LoRA on 0.5-8B models; the tiny toy model here trains from scratch
-weights and uses AdamW at a larger lr.
+A SAIL run mixes four kinds of pair (the public code draws one kind per training example):
+
+    route  responses from   label from                           extra terms       (variant)
+    dpo    the dataset      the dataset                          none              offline DPO
+    dp     the dataset      a draw of the policy's sig(z)        label             SAIL-DP
+    pp     2 policy samples a draw of the policy's sig(z)        label + response  SAIL-PP
+    pr     2 policy samples the judge (reward model, oracle)     response          SAIL-PR
+                                                                 (none: online DPO)
+
+``route_*`` are the probabilities of each kind (r, p, g and 1 - r - p - g in the public code),
+``dp_label_coef``, ``pp_coef`` and ``pr_response_coef`` the coefficients of the extra terms
+(rho, pi, gamma). A preset is nothing but a few of these fields set (``PRESETS``); every other
+field keeps its default. Presets follow the public code's defaults (configs/tasks.yaml): SAIL-DP
+r=0.4 rho=0.2, SAIL-PP p=0.3 pi=0.2, SAIL-PR g=0.3 gamma=0.3. The other defaults fit the tiny
+toy task (a 0.35 M-parameter model trained from its own base weights with AdamW); a real model
+overrides lr, max_new_tokens, max_prompt_tokens, precision and the generation settings
+(notebook 06, or ``python -m sail_min train --set FIELD=VALUE``).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
-from .objective import BASELINES, PRESETS, Recipe
+import torch
+
+from .objective import BASELINES, RESPONSE_MODES
+
+ROUTES = ("dpo", "dp", "pp", "pr")
+"""The four kinds of pair, in the order of ``SAILConfig.route_probs`` (see the module docstring)."""
+RESPONSES_FROM = {"dpo": "dataset", "dp": "dataset", "pp": "policy", "pr": "policy"}
+LABELS_FROM = {"dpo": "dataset", "dp": "policy", "pp": "policy", "pr": "judge"}
+
+PRESETS = {
+    "offline-dpo": {},                                                  # every pair from the dataset
+    "online-dpo": dict(route_dpo=0.0, route_pr=1.0),                    # every pair sampled + judged
+    "sail-pr": dict(route_dpo=0.7, route_pr=0.3, pr_response_coef=0.3),
+    "sail-pp": dict(route_dpo=0.7, route_pp=0.3, pp_coef=0.2),
+    "sail-dp": dict(route_dpo=0.6, route_dp=0.4, dp_label_coef=0.2),
+}
+"""Named presets: the fields they set; everything else is SAILConfig's default."""
+
+RESUMABLE_CHANGES = ("steps", "output_dir", "eval_every", "checkpoint_every")
+"""Settings a resumed run may change: how long it runs and how often it evaluates and saves."""
 
 
 @dataclass(frozen=True)
-class SAILConfig(Recipe):
+class SAILConfig:
     """A training run. Invalid values fail here, at construction, with the field's name."""
 
-    beta: float = 0.1
-    """KL coefficient beta of the implicit reward beta * (l_theta - l_ref)"""
+    # ---- the variant: routing and the extra terms ---------------------------------------
+    route_dpo: float = 1.0
+    """probability that a pair is a dataset pair with its dataset label (1 - r - p - g)"""
+    route_dp: float = 0.0
+    """probability of a dataset pair relabelled by the policy (SAIL-DP, r)"""
+    route_pp: float = 0.0
+    """probability of a policy pair labelled by the policy (SAIL-PP, p)"""
+    route_pr: float = 0.0
+    """probability of a policy pair labelled by the judge (SAIL-PR / online DPO, g)"""
+    dp_label_coef: float = 0.0
+    """rho: label-term coefficient on dp pairs"""
+    pp_coef: float = 0.0
+    """pi: label- and response-term coefficient on pp pairs"""
+    pr_response_coef: float = 0.0
+    """gamma: response-term coefficient on pr pairs (0 = online DPO)"""
+    response_mode: str = "exact"
+    """"exact" (the derivation), "public" (the public code's gradient hook) or "off\""""
     baseline: str = "loo"
     """response-term baseline: "loo" (leave-one-out batch mean of the pair loss) or "none\""""
+    beta: float = 0.1
+    """KL coefficient beta of the implicit reward beta * (l_theta - l_ref)"""
+
+    # ---- optimisation -------------------------------------------------------------------
     optimizer: str = "adamw"
     """"adamw" or "rmsprop" (the public code's choice)"""
     lr: float = 5e-4
@@ -34,79 +84,127 @@ class SAILConfig(Recipe):
     """weight decay (decoupled for AdamW, plain L2 for RMSprop)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 = off)"""
-    steps: int = 60
-    """optimiser steps"""
+    steps: int = 42
+    """optimiser steps (42 x 16 pairs = the toy task's 672 offline pairs once)"""
     pairs_per_step: int = 16
     """preference pairs per optimiser step, all routes together (per process)"""
-    samples_per_prompt: int = 2
-    """k responses sampled per prompt for online pairs (the first two form the pair)"""
+    seed: int = 0
+    """seed of every random choice: routing, data order, sampling, labels, evaluation"""
+
+    # ---- sampling -----------------------------------------------------------------------
     max_new_tokens: int = 24
     """generation length limit (24 fits the toy task; real chat models need ~128-512); responses cut
     here have no EOS (logged as contains_eos)"""
     temperature: float = 1.0
     """sampling temperature for online pairs (1 = sample pi_theta itself)"""
     max_prompt_tokens: int = 512
-    """prompts longer than this are truncated from the left (counted in the metrics)"""
+    """prompts longer than this (chat template included) are cut from the left, in training,
+    evaluation and reference sampling alike (counted in the metrics)"""
     generation_cache: str = "dynamic"
-    """KV cache for sampling: "dynamic" (plain generate) or "static" (compiled on a GPU, ~5x faster)"""
+    """KV cache for sampling: "dynamic" (plain generate) or "static" (compiled on a GPU, ~4x faster)"""
+    generation_shapes: str = "fixed"
+    """static cache only: "fixed" pads every sampling batch to max_prompt_tokens x 2 pairs_per_step
+    rows (evaluation: x eval_prompts rows), so a run compiles twice at most; "bucketed" pads prompts to
+    a multiple of 64 tokens and rows to a power of two (less padding, a compilation per new shape)"""
+    generation_compile: str = "cudagraphs"
+    """static cache on a GPU: "cudagraphs" (transformers' default, torch.compile mode reduce-overhead),
+    "no-cudagraphs" (torch.compile without CUDA graphs) or "off" (static cache, no compilation)"""
+    cudagraph_isolation: bool = True
+    """copy what generate returns and start a new CUDA-graph step before training, so no later graph
+    replay can overwrite a tensor the loss still reads (switch off only to diagnose)"""
+
+    # ---- precision and memory -----------------------------------------------------------
     mixed_precision: str = "no"
-    """"no" (fp32), "bf16" or "fp16" autocast of the forward passes (accelerate; fp16 adds loss scaling)"""
+    """"no" (fp32), "bf16" or "fp16" autocast of the forward passes (fp16 adds loss scaling)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~1.3-1.8x slower steps"""
-    eval_every: int = 20
+
+    # ---- evaluation and bookkeeping -----------------------------------------------------
+    eval_every: int = 7
     """evaluate every this many steps (and at the end)"""
     eval_prompts: int = 64
     """held-out prompts used for judge reward, win rate and KL"""
     checkpoint_every: int = 20
     """save a resumable checkpoint every this many steps (0 = only at the end)"""
-    seed: int = 0
-    """seed of every random choice: routing, data order, sampling, evaluation"""
     output_dir: str = "outputs/run"
-    """folder for metrics.jsonl, checkpoints and the final model"""
+    """folder for config.json, metrics.jsonl, the checkpoint and diagnostics of skipped steps"""
 
     def __post_init__(self):
-        super().__post_init__()
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)                          # noqa: E731
+        for name in ("route_dpo", "route_dp", "route_pp", "route_pr", "dp_label_coef", "pp_coef",
+                     "pr_response_coef", "weight_decay", "max_grad_norm"):
+            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        total = sum(self.route_probs)
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"route_dpo + route_dp + route_pp + route_pr must be 1, got {total}")
         for name in ("beta", "lr", "temperature"):
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "max_grad_norm"):
-            if not (number(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         for name, least in (("steps", 1), ("pairs_per_step", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
-                            ("eval_every", 1), ("eval_prompts", 1), ("samples_per_prompt", 2),
-                            ("checkpoint_every", 0), ("seed", 0)):
+                            ("eval_every", 1), ("eval_prompts", 1), ("checkpoint_every", 0), ("seed", 0)):
             if not (integer(getattr(self, name)) and getattr(self, name) >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)!r}")
+        for name, choices in (("response_mode", RESPONSE_MODES), ("baseline", BASELINES),
+                              ("optimizer", ("adamw", "rmsprop")), ("generation_cache", ("dynamic", "static")),
+                              ("generation_shapes", ("fixed", "bucketed")),
+                              ("generation_compile", ("cudagraphs", "no-cudagraphs", "off")),
+                              ("mixed_precision", ("no", "bf16", "fp16"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("cudagraph_isolation", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"output_dir must be a non-empty string, got {self.output_dir!r}")
         uses_response_term = (self.route_pr > 0 and self.pr_response_coef > 0) or (self.route_pp > 0 and self.pp_coef > 0)
         if self.temperature != 1.0 and uses_response_term and self.response_mode == "exact":
             warnings.warn(f"temperature={self.temperature} samples from a tempered policy, not pi_theta: the "
                           "exact response term (and the eval KL estimate) assume temperature 1", stacklevel=3)
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
-        if self.generation_cache not in ("dynamic", "static"):
-            raise ValueError(f"generation_cache must be 'dynamic' or 'static', got {self.generation_cache!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.optimizer not in ("adamw", "rmsprop"):
-            raise ValueError(f"optimizer must be 'adamw' or 'rmsprop', got {self.optimizer!r}")
 
+    # ---- the routes ---------------------------------------------------------------------
     @property
-    def recipe(self) -> Recipe:
-        """The routing and coefficient part alone."""
-        return Recipe(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Recipe)})
+    def route_probs(self) -> list[float]:
+        """[P(dpo), P(dp), P(pp), P(pr)], in the order of ``ROUTES``."""
+        return [self.route_dpo, self.route_dp, self.route_pp, self.route_pr]
 
+    def coefficients(self, route_ids: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair (response_coef, label_coef) for pairs of the given routes (indices into ROUTES)."""
+        response = torch.tensor([0.0, 0.0, self.pp_coef, self.pr_response_coef], dtype=dtype)
+        label = torch.tensor([0.0, self.dp_label_coef, self.pp_coef, 0.0], dtype=dtype)
+        device, route_ids = route_ids.device, route_ids.cpu()
+        return response[route_ids].to(device), label[route_ids].to(device)
+
+    # ---- building one -------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "SAILConfig":
         """A named preset ("offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp") with overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "") -> "SAILConfig":
+        """A config from a dict of fields (unknown names are an error, naming them and the source)."""
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown SAILConfig field(s) {unknown}")
-        return cls(**{**dataclasses.asdict(PRESETS[name]), **overrides})
+            raise ValueError(f"{source + ': ' if source else ''}unknown SAILConfig field(s) {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SAILConfig":
+        """Read a run's ``config.json`` (or any JSON object of SAILConfig fields)."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a readable JSON config ({error})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of SAILConfig fields, got {type(values).__name__}")
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "SAILConfig":
         return dataclasses.replace(self, **changes)

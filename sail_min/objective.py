@@ -46,6 +46,8 @@ batch mean of f, which is such a quantity and lowers the variance.
 
 Variants (SAIL-PR / SAIL-PP / SAIL-DP) pick q and P; online DPO is "policy responses,
 oracle labels, response coefficient 0"; offline DPO is "dataset responses, dataset labels".
+Which pair gets which coefficients is the training loop's decision (``sail_min.config``):
+this file is the math alone, and imports nothing but torch.
 
 What the public SAIL code does instead (``response_mode="public"``)
 ------------------------------------------------------------------
@@ -306,82 +308,3 @@ def sail_loss(
     return SAILLoss(loss=loss, z=z.detach(), dpo=dpo.detach(), response=response.detach(), label=label.detach(),
                     chosen_rewards=beta * (policy_chosen_logps - ref_chosen_logps).detach(),
                     rejected_rewards=beta * (policy_rejected_logps - ref_rejected_logps).detach())
-
-
-# --------------------------------------------------------------------------------------
-# recipes: where each pair comes from, who labels it, and which extra terms it carries
-# --------------------------------------------------------------------------------------
-ROUTES = ("dpo", "dp", "pp", "pr")
-"""The four kinds of pair (the public code draws one per training example):
-
-  dpo  dataset responses, dataset label                     no extra term   (offline DPO)
-  dp   dataset responses, label ~ policy's Bradley-Terry   label term      (SAIL-DP)
-  pp   two policy samples, label ~ policy's Bradley-Terry  label+response  (SAIL-PP)
-  pr   two policy samples, label from an oracle/reward     response term   (SAIL-PR; online
-       model                                                                DPO when coef=0)
-"""
-RESPONSES_FROM = {"dpo": "dataset", "dp": "dataset", "pp": "policy", "pr": "policy"}
-LABELS_FROM = {"dpo": "dataset", "dp": "policy", "pp": "policy", "pr": "oracle"}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Routing probabilities per kind of pair, and the coefficient of each extra term.
-
-    Names follow the public code where it has them: routing r, p, g (and 1-r-p-g for plain
-    DPO); coefficients rho (SAIL-DP label term), pi (both SAIL-PP terms), gamma (SAIL-PR).
-    """
-
-    route_dpo: float = 1.0
-    """probability that a pair is a dataset pair with its dataset label (1 - r - p - g)"""
-    route_dp: float = 0.0
-    """probability of a dataset pair relabelled by the policy (SAIL-DP, r)"""
-    route_pp: float = 0.0
-    """probability of a policy pair labelled by the policy (SAIL-PP, p)"""
-    route_pr: float = 0.0
-    """probability of a policy pair labelled by the oracle (SAIL-PR / online DPO, g)"""
-    dp_label_coef: float = 0.0
-    """rho: label-term coefficient on dp pairs"""
-    pp_coef: float = 0.0
-    """pi: label- and response-term coefficient on pp pairs"""
-    pr_response_coef: float = 0.0
-    """gamma: response-term coefficient on pr pairs (0 = online DPO)"""
-    response_mode: str = "exact"
-    """one of "exact" (the derivation), "public" (the public code's hook), "off" """
-
-    def __post_init__(self):
-        for name in ("route_dpo", "route_dp", "route_pp", "route_pr",
-                     "dp_label_coef", "pp_coef", "pr_response_coef"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        total = self.route_dpo + self.route_dp + self.route_pp + self.route_pr
-        if abs(total - 1.0) > 1e-9:
-            raise ValueError(f"route_dpo + route_dp + route_pp + route_pr must be 1, got {total}")
-        if self.response_mode not in RESPONSE_MODES:
-            raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {self.response_mode!r}")
-
-    @property
-    def route_probs(self) -> list[float]:
-        """[P(dpo), P(dp), P(pp), P(pr)], in the order of ``ROUTES``."""
-        return [self.route_dpo, self.route_dp, self.route_pp, self.route_pr]
-
-    def coefficients(self, route_ids: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pair (response_coef, label_coef) for pairs of the given routes (indices into ROUTES)."""
-        zero = 0.0
-        response = torch.tensor([zero, zero, self.pp_coef, self.pr_response_coef], dtype=dtype)
-        label = torch.tensor([zero, self.dp_label_coef, self.pp_coef, zero], dtype=dtype)
-        device, route_ids = route_ids.device, route_ids.cpu()
-        return response[route_ids].to(device), label[route_ids].to(device)
-
-
-PRESETS = {
-    # offline DPO: every pair from the dataset, with the dataset's label
-    "offline-dpo": Recipe(),
-    # online DPO: every pair sampled from the policy and labelled by the oracle, no extra term
-    "online-dpo": Recipe(route_dpo=0.0, route_pr=1.0),
-    # the public code's defaults (configs/tasks.yaml): g=0.3 gamma=0.3, p=0.3 pi=0.2, r=0.4 rho=0.2
-    "sail-pr": Recipe(route_dpo=0.7, route_pr=0.3, pr_response_coef=0.3),
-    "sail-pp": Recipe(route_dpo=0.7, route_pp=0.3, pp_coef=0.2),
-    "sail-dp": Recipe(route_dpo=0.6, route_dp=0.4, dp_label_coef=0.2),
-}

@@ -27,40 +27,59 @@ Prompts are plain strings or message lists [{"role", "content"}]. When the token
 chat template it is applied (a plain string becomes one user message) with the generation
 prompt; otherwise a plain string is used as it is.
 
+Prompt length. `truncate_prompts_left` cuts over-long prompts from the left (oldest turns of a
+conversation first, the chat template never cut), so the end of the prompt, the part the response
+answers, is kept. The loop applies it to every prompt it samples for: training, evaluation and
+the reference's samples.
+
 KV cache (`cache_implementation`). None (the default) is transformers' dynamic cache, which
 grows by one position per step. "static" preallocates the cache for prompt + max_new_tokens;
-on CUDA, `generate` then compiles the model's forward with torch.compile (mode
-"reduce-overhead", CUDA graphs). The first call pays for the compilation (tens of seconds for
-a 0.5 B model). Later calls reuse it, also after in-place weight updates: an optimizer step
-keeps the parameters' addresses, which is what the compiled graph reads (verified on CPU with
-a forced compile; `benchmarks/bench_sail.py` measures it on CUDA). A new batch size, or a
-prompt + max_new_tokens longer than any before, builds a new cache and may compile again. On
-CPU transformers does not compile, and the static cache gives the same tokens as the dynamic
-one. If the static path raises (a model or device it does not support), the sampler warns
-once per model and uses the dynamic cache from then on. To keep the number of shapes (and so of
-compilations) small while the number of online prompts varies from step to step, the static
-path left-pads prompts to a multiple of 64 tokens and the batch to a power of two rows (the
-extra rows are dropped); with a seed, the samples then depend on that padding, greedy ones do not.
+on CUDA, `generate` then compiles the model's forward with torch.compile (`compile`:
+"cudagraphs" = mode "reduce-overhead", transformers' default; "no-cudagraphs" = mode "default";
+"off" = no compilation). The first call of a new shape pays for the compilation (tens of seconds
+for a 0.5 B model); later calls reuse it, also after in-place weight updates (an optimizer step
+keeps the parameters' addresses, which is what the compiled graph reads). On CPU transformers
+does not compile, and the static cache gives the same tokens as the dynamic one. If the static
+path raises (a model or device it does not support), the sampler warns once per model and uses
+the dynamic cache from then on (`static_cache_failed(model)` says whether it did).
+
+Shapes. Every new (rows, prompt length) compiles again, so the static path pads: to exactly
+`batch_rows` rows (the last row repeated, the copies dropped afterwards) and `prompt_length`
+prompt tokens (left padding) when given, else to the next power of two rows and the next multiple
+of 64 tokens. With a seed the samples then depend on that padding; greedy ones do not. Prompt
+columns that are padding in every returned row are dropped afterwards, so the log-prob passes
+never pay for the generation's padding.
+
+CUDA graphs (`isolate`, default on). A graph replay writes its outputs into the same buffers every
+time, so a tensor that still points into them after `generate` can change under the training step
+that reads it. The sampler copies what `generate` returns and marks a new CUDA-graph step
+(`torch.compiler.cudagraph_mark_step_begin`) before returning; with `isolate=False` it does not
+(for diagnosis: `benchmarks/bench_loop.py` compares both on a GPU).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import GenerationConfig
+from transformers import CompileConfig, GenerationConfig
 
 Prompt = str | list[dict]
 
-# `generate` fills every option left unset from the model's generation_config.json, which for
-# instruct models often truncates or reshapes the distribution (top_k, top_p, repetition
-# penalty, ...). Set them all to their neutral values so that y ~ pi_theta exactly.
+# `generate` fills every option left unset (None) from the model's generation_config.json, which
+# for instruct models often truncates or reshapes the distribution (top_k, top_p, repetition
+# penalty, ...). Set them to their neutral values so that y ~ pi_theta exactly. min_p is the
+# exception: any value, 0.0 included, adds a warper that sorts the whole vocabulary at every
+# token, so it is set (to 0.0) only when the model's own config sets it (`generation_config`).
 NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # min_new_tokens overrides min_length
-UNTRUNCATED = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **NEUTRAL)
+UNTRUNCATED = dict(top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **NEUTRAL)
 
 CACHE_IMPLEMENTATIONS = (None, "static")
+COMPILE_MODES = {"cudagraphs": "reduce-overhead", "no-cudagraphs": "default", "off": None}
+STATIC_PROMPT_BUCKET = 64   # static cache, no prompt_length given: prompts padded to a multiple of this
 _static_cache_failed = weakref.WeakSet()   # models whose static-cache `generate` raised: dynamic from then on
 
 
@@ -98,7 +117,30 @@ class Responses:
             picked[field.name] = value[index] if isinstance(value, torch.Tensor) else [value[i] for i in index]
         return Responses(**picked)
 
+    @staticmethod
+    def cat(batches: Sequence["Responses"], pad_token_id: int) -> "Responses":
+        """Rows of several batches in one (prompts re-padded on the left, responses on the right)."""
+        batches = [b for b in batches if b is not None and len(b)]
+        if len(batches) == 1:
+            return batches[0]
+        prompt_width = max(b.prompt_ids.shape[1] for b in batches)
+        response_width = max(b.response_ids.shape[1] for b in batches)
+        left = lambda t, value: torch.nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)     # noqa: E731
+        right = lambda t, value: torch.nn.functional.pad(t, (0, response_width - t.shape[1]), value=value)  # noqa: E731
+        return Responses(
+            prompts=[p for b in batches for p in b.prompts],
+            prompt_ids=torch.cat([left(b.prompt_ids.cpu(), pad_token_id) for b in batches]),
+            prompt_mask=torch.cat([left(b.prompt_mask.cpu(), 0) for b in batches]),
+            response_ids=torch.cat([right(b.response_ids.cpu(), pad_token_id) for b in batches]),
+            response_mask=torch.cat([right(b.response_mask.cpu(), 0) for b in batches]),
+            texts=[t for b in batches for t in b.texts],
+            contains_eos=torch.cat([b.contains_eos.cpu() for b in batches]),
+            lengths=torch.cat([b.lengths.cpu() for b in batches]))
 
+
+# --------------------------------------------------------------------------------------
+# prompts: the text the policy continues, and cutting it to max_prompt_tokens
+# --------------------------------------------------------------------------------------
 def render_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[str]:
     """Prompt text the policy continues: chat template + generation prompt when there is one."""
     if isinstance(prompts, str) or len(prompts) == 0:
@@ -115,30 +157,104 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[str]:
     return rendered
 
 
-def _tokenize_prompts(tokenizer, prompts: Sequence[Prompt], pad_to_multiple_of: int | None = None):
+def prompt_length(tokenizer, prompt: Prompt) -> int:
+    """Tokens of a prompt as the policy reads it: chat template and generation prompt included."""
+    text = render_prompts(tokenizer, [prompt])[0]
+    return len(tokenizer(text, add_special_tokens=tokenizer.chat_template is None).input_ids)
+
+
+def truncate_prompts_left(tokenizer, prompts: Sequence[Prompt], max_tokens: int) -> tuple[list, int]:
+    """Cut over-long prompts from the left; return (prompts, how many were cut).
+
+    Without a chat template, plain text keeps its last ``max_tokens`` tokens. Otherwise a prompt
+    (a string becomes one user message) is measured as the policy reads it, template included:
+    its oldest non-system messages are dropped while more than one remains, then the first
+    remaining non-system message loses tokens from its start until the whole fits (the template's
+    own tokens are never cut).
+    """
+    out, cut = [], 0
+    for prompt in prompts:
+        if prompt_length(tokenizer, prompt) > max_tokens:
+            cut += 1
+            if tokenizer.chat_template is None:       # keep the last tokens; BOS etc. still added
+                keep = max_tokens - len(tokenizer("", add_special_tokens=True).input_ids)
+                if keep < 1:
+                    raise ValueError(f"max_prompt_tokens={max_tokens} leaves no room for the prompt "
+                                     "next to the tokenizer's special tokens; raise max_prompt_tokens")
+                prompt = tokenizer.decode(tokenizer(prompt, add_special_tokens=False).input_ids[-keep:])
+            elif isinstance(prompt, str):            # the sampler wraps it as one user message
+                prompt = _truncate_conversation(tokenizer, [{"role": "user", "content": prompt}],
+                                                max_tokens)[0]["content"]
+            else:
+                prompt = _truncate_conversation(tokenizer, prompt, max_tokens)
+        out.append(prompt)
+    return out, cut
+
+
+def _truncate_conversation(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
+    messages = [dict(m) for m in messages]
+    body = [i for i, m in enumerate(messages) if m["role"] != "system"]
+    while len(body) > 1 and prompt_length(tokenizer, messages) > max_tokens:   # drop the oldest turns,
+        del messages[body[0]]                                                    # never starting with
+        body = [i for i, m in enumerate(messages) if m["role"] != "system"]      # an assistant turn
+        while len(body) > 1 and messages[body[0]]["role"] == "assistant":
+            del messages[body[0]]
+            body = [i for i, m in enumerate(messages) if m["role"] != "system"]
+    first = body[0]
+    for _ in range(8):                         # re-tokenising can merge tokens: a few rounds at most
+        overflow = prompt_length(tokenizer, messages) - max_tokens
+        if overflow <= 0:
+            return messages
+        ids = tokenizer(messages[first]["content"], add_special_tokens=False).input_ids
+        if overflow >= len(ids):
+            raise ValueError(f"max_prompt_tokens={max_tokens} is shorter than the chat template's own "
+                             f"tokens for this prompt; raise max_prompt_tokens")
+        messages[first]["content"] = tokenizer.decode(ids[overflow:])
+    return messages
+
+
+def check_positions(model, max_prompt_tokens: int, max_new_tokens: int) -> None:
+    """A clear error when prompt + response can exceed the positions the model was built for."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and max_prompt_tokens + max_new_tokens > limit:
+        raise ValueError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens} + {max_new_tokens} exceeds "
+                         f"the policy's {limit} positions (max_position_embeddings); lower one of them")
+
+
+# --------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------
+def _tokenize_prompts(tokenizer, prompts: Sequence[Prompt], pad_to_multiple_of: int | None = None,
+                      length: int | None = None):
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token: set tokenizer.pad_token "
                          "(e.g. tokenizer.pad_token = tokenizer.eos_token)")
     # A chat template writes its own special tokens (BOS, ...); plain text gets the defaults.
-    return tokenizer(render_prompts(tokenizer, prompts), padding=True, padding_side="left",
-                     pad_to_multiple_of=pad_to_multiple_of,
-                     return_tensors="pt", add_special_tokens=tokenizer.chat_template is None)
+    batch = tokenizer(render_prompts(tokenizer, prompts), padding=True, padding_side="left",
+                      pad_to_multiple_of=pad_to_multiple_of,
+                      return_tensors="pt", add_special_tokens=tokenizer.chat_template is None)
+    if length is not None:
+        if batch.input_ids.shape[1] > length:
+            raise ValueError(f"a prompt has {batch.input_ids.shape[1]} tokens, more than prompt_length={length}: "
+                             "truncate prompts first (truncate_prompts_left)")
+        extra = length - batch.input_ids.shape[1]
+        batch["input_ids"] = torch.nn.functional.pad(batch.input_ids, (extra, 0), value=tokenizer.pad_token_id)
+        batch["attention_mask"] = torch.nn.functional.pad(batch.attention_mask, (extra, 0), value=0)
+    return batch
 
 
-STATIC_PROMPT_BUCKET = 64   # static cache: prompts left-padded to a multiple of this many tokens
-
-
-def _pad_rows_to_power_of_two(input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Repeat the last row up to the next power of two: a few batch shapes, so few compilations."""
-    rows = input_ids.shape[0]
-    extra = (1 << (rows - 1).bit_length()) - rows
-    if extra == 0:
-        return input_ids, attention_mask
+def _pad_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int | None):
+    """Repeat the last row up to `rows` (default: the next power of two): few batch shapes."""
+    have = input_ids.shape[0]
+    rows = (1 << (have - 1).bit_length()) if rows is None else rows
+    if rows < have:
+        raise ValueError(f"batch_rows={rows} is smaller than the {have} rows to generate")
+    extra = rows - have
     return (torch.cat([input_ids, input_ids[-1:].expand(extra, -1)]),
             torch.cat([attention_mask, attention_mask[-1:].expand(extra, -1)]))
 
 
-def _eos_token_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     """The tokenizer's EOS plus any the model's generation config adds (e.g. <|eot_id|>)."""
     eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     config_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -148,8 +264,9 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(eos_ids)
 
 
-def _cut_at_first_eos(generated: torch.Tensor, eos_ids: list[int], pad_id: int):
-    """Mask (and set to pad) every token after the first EOS; keep the EOS itself."""
+def cut_at_first_eos(generated: torch.Tensor, eos_ids: list[int], pad_id: int):
+    """(ids, response_mask, contains_eos): every token after the first EOS masked and set to pad;
+    the EOS itself kept."""
     is_eos = torch.isin(generated, torch.tensor(eos_ids, device=generated.device))
     eos_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0      # an EOS strictly earlier
     response_mask = (~eos_before).long()
@@ -157,14 +274,36 @@ def _cut_at_first_eos(generated: torch.Tensor, eos_ids: list[int], pad_id: int):
 
 
 def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
-                      greedy: bool = False, cache_implementation: str | None = None) -> GenerationConfig:
+                      greedy: bool = False, cache_implementation: str | None = None, compile: str = "cudagraphs",
+                      model=None, max_cache_len: int | None = None) -> GenerationConfig:
     """The settings `sample_responses` passes to `generate`, one response per input row:
     y_t ~ softmax(z_t / temperature) with no truncation, or y_t = argmax z_t when `greedy`."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {tuple(COMPILE_MODES)}, got {compile!r}")
     sampling = (dict(do_sample=False, **NEUTRAL) if greedy
                 else dict(do_sample=True, temperature=temperature, **UNTRUNCATED))
+    if not greedy and model is not None and getattr(model.generation_config, "min_p", None) is not None:
+        sampling["min_p"] = 0.0                     # the model's config sets min_p: neutralise it
+    compiled = dict(compile_config=CompileConfig(mode=COMPILE_MODES[compile])) if COMPILE_MODES[compile] else \
+        dict(disable_compile=True)
     return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                            cache_implementation=cache_implementation)
+                            cache_implementation=cache_implementation,
+                            **(dict(compiled, max_cache_len=max_cache_len) if cache_implementation == "static" else {}))
+
+
+def static_cache_failed(model) -> bool:
+    """Whether the static-cache path raised for this model (the sampler then uses the dynamic one)."""
+    return model in _static_cache_failed
+
+
+def compile_stats() -> dict:
+    """torch.compile's counters for this process: graphs built so far and seconds spent compiling."""
+    if "torch._dynamo.utils" not in sys.modules:       # nothing compiled yet (and its import costs ~1 s)
+        return {"graphs": 0, "seconds": 0.0}
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "seconds": float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))}
 
 
 def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: int | None):
@@ -178,7 +317,9 @@ def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: 
 
 def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, max_new_tokens: int = 64,
                      temperature: float = 1.0, seed: int | None = None, greedy: bool = False,
-                     cache_implementation: str | None = None) -> Responses:
+                     cache_implementation: str | None = None, compile: str = "cudagraphs",
+                     batch_rows: int | None = None, prompt_length: int | None = None,
+                     isolate: bool = True) -> Responses:
     """Draw k responses per prompt, y ~ pi_theta(. | x); same seed, same samples.
 
     The model is put in eval mode (no dropout) and its training mode restored afterwards;
@@ -191,8 +332,13 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
         responses to a prompt are identical. For tests and benchmarks: these are not samples
         of pi_theta, which the on-policy terms of the objective need.
     cache_implementation: None (transformers' dynamic KV cache) or "static" (preallocated,
-        compiled by transformers on CUDA; see the module docstring). The static path falls
-        back to the dynamic one, with a warning, if it raises.
+        compiled by transformers on CUDA; see the module docstring), with `compile` one of
+        "cudagraphs", "no-cudagraphs", "off". The static path falls back to the dynamic one,
+        with a warning, if it raises.
+    batch_rows, prompt_length: static cache only, the exact shape to pad to (k * len(prompts)
+        rows at most; prompts of at most prompt_length tokens, a cache of prompt_length +
+        max_new_tokens positions): one shape, one compilation.
+    isolate: copy generate's output and mark a new CUDA-graph step (see the module docstring).
     """
     if k < 1:
         raise ValueError(f"k (responses per prompt) must be at least 1, got {k}")
@@ -202,23 +348,27 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
         raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
     device = next(model.parameters()).device
     static = cache_implementation == "static" and model not in _static_cache_failed
-    batch = _tokenize_prompts(tokenizer, prompts, STATIC_PROMPT_BUCKET if static else None).to(device)
-    eos_ids = _eos_token_ids(model, tokenizer)
+    batch = _tokenize_prompts(tokenizer, prompts, None if (not static or prompt_length) else STATIC_PROMPT_BUCKET,
+                              prompt_length if static else None).to(device)
+    eos_ids = eos_token_ids(model, tokenizer)
     # Row i*k + j is sample j of prompt i: the same expansion `num_return_sequences=k` makes,
     # done here so that greedy decoding (which refuses num_return_sequences > 1) shares the path.
     input_ids = batch.input_ids.repeat_interleave(k, dim=0)
     attention_mask = batch.attention_mask.repeat_interleave(k, dim=0)
     make_config = lambda cache: generation_config(tokenizer, eos_ids, max_new_tokens, temperature,  # noqa: E731
-                                                  greedy, cache)
+                                                  greedy, cache, compile, model,
+                                                  prompt_length and prompt_length + max_new_tokens)
 
     was_training = model.training
     model.eval()
     try:
         if static:
             try:
-                padded_ids, padded_mask = _pad_rows_to_power_of_two(input_ids, attention_mask)
+                padded_ids, padded_mask = _pad_rows(input_ids, attention_mask, batch_rows)
                 sequences = _generate(model, padded_ids, padded_mask, make_config("static"), seed)[: len(input_ids)]
             except Exception as error:          # unsupported model / device: warn once, then dynamic
+                if isinstance(error, ValueError) and "batch_rows" in str(error):
+                    raise
                 _static_cache_failed.add(model)
                 warnings.warn(f"static-cache generation failed for {type(model).__name__} on {device} "
                               f"({type(error).__name__}: {error}); using the dynamic cache for this model "
@@ -228,15 +378,20 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
             sequences = _generate(model, input_ids, attention_mask, make_config(None), seed)
     finally:
         model.train(was_training)
+    if isolate:
+        sequences = sequences.clone()               # nothing returned points into a graph's buffers
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
 
-    prompt_length = batch.input_ids.shape[1]
-    response_ids, response_mask, contains_eos = _cut_at_first_eos(
-        sequences[:, prompt_length:], eos_ids, tokenizer.pad_token_id)
+    prompt_width = batch.input_ids.shape[1]
+    response_ids, response_mask, contains_eos = cut_at_first_eos(
+        sequences[:, prompt_width:], eos_ids, tokenizer.pad_token_id)
+    first_real = int(attention_mask.any(dim=0).nonzero()[0]) if attention_mask.any() else 0
     texts = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
              for ids, mask in zip(response_ids, response_mask)]
     return Responses(
         prompts=[prompt for prompt in prompts for _ in range(k)],
-        prompt_ids=input_ids, prompt_mask=attention_mask,
+        prompt_ids=input_ids[:, first_real:], prompt_mask=attention_mask[:, first_real:],   # no all-pad columns
         response_ids=response_ids, response_mask=response_mask, texts=texts,
         contains_eos=contains_eos, lengths=response_mask.sum(dim=1))
 
@@ -252,7 +407,8 @@ def _response_text(response, index: int) -> str:
 
 def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence) -> Responses:
     """Given (prompt, response) rows, e.g. a dataset's chosen answers, in the same layout as
-    sampled ones (CPU tensors): the response is tokenised on its own and closed with the EOS.
+    sampled ones (CPU tensors): the response is tokenised on its own and closed with the EOS
+    (appended only when the text does not already end with it, as TRL does).
     Responses are text, or [{"role": "assistant", "content": ...}] as in conversational data."""
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses differ in length: {len(prompts)} vs {len(responses)}")
@@ -260,8 +416,9 @@ def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence) 
         raise ValueError("tokenizer has no EOS token to close the responses with")
     responses = [_response_text(response, i) for i, response in enumerate(responses)]
     batch = _tokenize_prompts(tokenizer, prompts)
-    response_token_lists = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                            for text in responses]
+    eos = tokenizer.eos_token_id
+    response_token_lists = [tokenizer(text, add_special_tokens=False).input_ids for text in responses]
+    response_token_lists = [ids if ids[-1:] == [eos] else ids + [eos] for ids in response_token_lists]
     lengths = torch.tensor([len(ids) for ids in response_token_lists])
     response_ids = torch.full((len(responses), int(lengths.max())), tokenizer.pad_token_id)
     for row, ids in enumerate(response_token_lists):

@@ -1,25 +1,28 @@
-r"""The SAIL training loop: route -> sample -> label -> loss -> step, on any device.
+r"""The SAIL training loop: draw -> score -> label -> loss -> step, on any device.
 
-One optimiser step (``train``, the loop body):
+One optimiser step is five functions, each a few lines, called in order by ``train``:
 
-  1. route    each of the ``pairs_per_step`` pairs to dpo / dp / pp / pr (``objective.ROUTES``)
-              with the config's routing probabilities;
-  2. sample   dataset pairs for dpo/dp; for pp/pr, k fresh samples of the CURRENT policy per
-              prompt (nothing is buffered or reused: every online pair is on-policy);
-  3. score    l_theta and l_ref of both responses of every pair (``sail_min.logprobs``);
-  4. label    dpo: the dataset; dp/pp: the policy's implicit reward, P(y1 > y2) = sig(z);
-              pr: the judge / reward model (Bradley-Terry at the task's temperature);
-  5. loss     ``objective.sail_loss`` with per-pair coefficients from the route;
-  6. step     gradients averaged over processes, clipped, applied; a non-finite loss or
-              gradient skips the step (weights untouched), warns and is counted.
+  1. draw     route each of the ``pairs_per_step`` pairs to dpo / dp / pp / pr (``config.ROUTES``)
+              and take its two responses y1, y2: a dataset pair (chosen, rejected), or two fresh
+              samples of the CURRENT policy (nothing buffered or reused: every online pair is
+              on-policy). Pair i is row i of ``pairs.first`` and of ``pairs.second``.
+  2. score    l_theta(y) (with gradient) and l_ref(y) of both responses (``sail_min.logprobs``);
+  3. label    dpo: the dataset (y1 = chosen); dp / pp: a draw of the policy's Bradley-Terry model
+              P(y1 > y2) = sig(z); pr: the judge (``sail_min.labels``);
+  4. loss     ``objective.sail_loss`` with per-pair coefficients from the route;
+  5. step     backward, gradients averaged over processes, clipped, applied. A non-finite loss or
+              gradient skips the step (weights untouched); the metrics say what was non-finite and
+              the step's inputs are saved for ``replay_skipped_step``.
 
-Every random choice of step t is seeded by (seed, t, process), so a run resumed from a
-checkpoint draws exactly what the uninterrupted run would have drawn. Metrics go to
-``output_dir/metrics.jsonl``, one line per step; evaluation lines carry ``eval/*`` keys.
+Every random choice of step t is seeded by (seed, t, purpose), so a run resumed from a checkpoint
+draws exactly what the uninterrupted run would have drawn. Metrics go to
+``output_dir/metrics.jsonl``, one line per step (TRL's names where it has them); evaluation lines
+carry ``eval/*`` keys.
 
-Multi-process (``accelerate launch``): each process draws its own pairs; gradients are
-averaged explicitly with ``accelerator.reduce`` (no DDP wrapper, because the log-prob code
-calls the model's decoder directly); process 0 evaluates, logs and checkpoints.
+Multi-process (``accelerate launch``): the pairs of a step are drawn for all processes at once and
+process r takes pairs [r n, (r+1) n), so W processes of n pairs draw what one process of W n pairs
+would; gradients are averaged explicitly with ``accelerator.reduce`` (no DDP wrapper, because the
+log-prob code calls the model's decoder directly); process 0 evaluates, logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -29,18 +32,19 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .config import SAILConfig
-from .labels import implicit_reward_labels, reward_model_labels
+from .config import LABELS_FROM, RESPONSES_FROM, RESUMABLE_CHANGES, ROUTES, SAILConfig
+from .labels import PairLabels, implicit_reward_labels, reward_model_labels
 from .logprobs import ReferenceModel, sequence_logprobs
-from .objective import LABELS_FROM, RESPONSES_FROM, ROUTES, sail_loss
-from .sampling import Responses, encode_responses, render_prompts, sample_responses
+from .objective import SAILLoss, sail_loss
+from .sampling import (Responses, check_positions, compile_stats, encode_responses, sample_responses,
+                       truncate_prompts_left)
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Task:
     """What a run learns from, besides the model and the config."""
 
     preferences: Sequence[dict]
-    """offline pairs {"prompt", "chosen", "rejected"} for dpo/dp routes (validated by ``sail_min.data``)"""
+    """offline pairs {"prompt", "chosen", "rejected"} for dpo/dp routes (``sail_min.data`` format)"""
     train_prompts: Sequence
     """prompts for online (pp/pr) pairs"""
     eval_prompts: Sequence
@@ -59,227 +63,151 @@ class Task:
     """Bradley-Terry temperature of judge labels, P(y1 > y2) = sig((s1 - s2) / T); None = argmax"""
 
 
-# --------------------------------------------------------------------------------------
-# small pieces of the loop
-# --------------------------------------------------------------------------------------
 def step_seed(seed: int, step: int, process: int, purpose: str) -> int:
     """A 63-bit seed that depends only on (seed, step, process, purpose)."""
     return random.Random(f"{seed}/{step}/{process}/{purpose}").getrandbits(63)
 
 
-def truncate_prompts_left(tokenizer, prompts: Sequence, max_tokens: int) -> tuple[list, int]:
-    """Cut over-long prompts from the left; return (prompts, how many were cut).
-
-    Without a chat template, plain text keeps its last ``max_tokens`` tokens. Otherwise a prompt
-    (a string becomes one user message) is measured as the policy reads it, template included: its oldest non-system messages are dropped
-    while more than one remains, then the first remaining non-system message loses tokens from
-    its start until the whole fits (the template's own tokens are never cut).
-    """
-    out, cut = [], 0
-    for prompt in prompts:
-        if isinstance(prompt, str) and tokenizer.chat_template is None:
-            ids = tokenizer(prompt, add_special_tokens=False).input_ids
-            if len(ids) > max_tokens:
-                prompt, cut = tokenizer.decode(ids[-max_tokens:]), cut + 1
-        elif isinstance(prompt, str):               # the sampler will wrap it as one user message
-            user = [{"role": "user", "content": prompt}]
-            if _prompt_length(tokenizer, user) > max_tokens:
-                prompt, cut = _truncate_conversation(tokenizer, user, max_tokens)[0]["content"], cut + 1
-        elif _prompt_length(tokenizer, prompt) > max_tokens:
-            prompt, cut = _truncate_conversation(tokenizer, prompt, max_tokens), cut + 1
-        out.append(prompt)
-    return out, cut
-
-
-def _prompt_length(tokenizer, messages: list[dict]) -> int:
-    text = render_prompts(tokenizer, [messages])[0]
-    return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _truncate_conversation(tokenizer, messages: list[dict], max_tokens: int) -> list[dict]:
-    messages = [dict(m) for m in messages]
-    body = [i for i, m in enumerate(messages) if m["role"] != "system"]
-    while len(body) > 1 and _prompt_length(tokenizer, messages) > max_tokens:   # drop the oldest turns,
-        del messages[body[0]]                                                      # never starting with
-        body = [i for i, m in enumerate(messages) if m["role"] != "system"]        # an assistant turn
-        while len(body) > 1 and messages[body[0]]["role"] == "assistant":
-            del messages[body[0]]
-            body = [i for i, m in enumerate(messages) if m["role"] != "system"]
-    first = body[0]
-    for _ in range(8):                         # re-tokenising can merge tokens: a few rounds at most
-        overflow = _prompt_length(tokenizer, messages) - max_tokens
-        if overflow <= 0:
-            return messages
-        ids = tokenizer(messages[first]["content"], add_special_tokens=False).input_ids
-        if overflow >= len(ids):
-            raise ValueError(f"max_prompt_tokens={max_tokens} is shorter than the chat template's own "
-                             f"tokens for this prompt; raise max_prompt_tokens")
-        messages[first]["content"] = tokenizer.decode(ids[overflow:])
-    return messages
-
-
-def autocast(config: SAILConfig, accelerator: Accelerator):
+def autocast(config: SAILConfig, device: torch.device):
     """torch.autocast for ``config.mixed_precision`` ("no" = a disabled context: plain fp32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
-    return torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def _cache(config: SAILConfig) -> str | None:
-    """The sampler's KV cache: None (dynamic) or "static"."""
-    return None if config.generation_cache == "dynamic" else "static"
-
-
-def _logps(policy, reference: ReferenceModel, responses) -> tuple[torch.Tensor, torch.Tensor]:
-    """(l_theta, l_ref) of every row, l_theta with gradient."""
-    inputs = {k: v.to(next(policy.parameters()).device) for k, v in responses.model_inputs().items()}
-    return sequence_logprobs(policy, **inputs), reference.logprobs(**inputs)
-
-
-def _judge_labels(task: Task, prompts, first_texts, second_texts, generator):
-    temperature = task.judge_temperature
-    score = task.judge if temperature is None else (
-        lambda p, r: torch.as_tensor(task.judge(p, r), dtype=torch.float32) / temperature)
-    return reward_model_labels(score, prompts, first_texts, second_texts,
-                               rule="argmax" if temperature is None else "bernoulli", generator=generator)
-
-
-@torch.no_grad()
-def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig,
-             reference_scores: torch.Tensor, accelerator: Accelerator) -> dict:
-    """Judge reward, win rate vs the reference's samples and KL(pi || pi_ref) on held-out prompts.
-
-    KL is the Monte-Carlo estimate E_{y ~ pi}[l_theta(y|x) - l_ref(y|x)] on one sample per prompt;
-    win rate counts ties as 1/2. Sampling uses a fixed seed, so steps are comparable.
-    """
-    prompts = list(task.eval_prompts[: config.eval_prompts])
-    with autocast(config, accelerator):
-        samples = sample_responses(policy, tokenizer, prompts, k=1, max_new_tokens=config.max_new_tokens,
-                                   temperature=config.temperature, seed=step_seed(config.seed, -1, 0, "eval"),
-                                   cache_implementation=_cache(config))
-    scores = torch.as_tensor(task.judge(prompts, samples.texts), dtype=torch.float32)
-    was_training = policy.training
-    policy.eval()
-    with autocast(config, accelerator):
-        policy_logps, ref_logps = _logps(policy, reference, samples)
-    policy.train(was_training)
-    wins = (scores > reference_scores).float() + 0.5 * (scores == reference_scores).float()
-    return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
-            "eval/reference_judge_reward": reference_scores.mean().item(),
-            "eval/win_rate": wins.mean().item(), "eval/kl": (policy_logps - ref_logps).mean().item(),
-            "eval/response_length": samples.lengths.float().mean().item(),
-            "eval/contains_eos": samples.contains_eos.float().mean().item()}
-
-
-RESUMABLE_CHANGES = ("steps", "output_dir", "eval_every", "checkpoint_every")
-"""Settings a resumed run may change: how long it runs and how often it evaluates and saves."""
-
-
-def _save_checkpoint(path: Path, config: SAILConfig, policy, optimizer, next_step: int, counters: dict,
-                     scaler=None) -> None:
-    """The trainable weights (frozen ones never change), optimizer, step and counters.
-    Atomic: a run killed while saving keeps its previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    trainable = {name: p.detach() for name, p in policy.named_parameters() if p.requires_grad}  # LoRA: adapters only
-    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "next_step": next_step,
-                "config": asdict(config),
-                "counters": counters, "scaler": scaler.state_dict() if scaler else None}, tmp)
-    os.replace(tmp, path)
-
-
-def _make_optimizer(config: SAILConfig, params):
-    if config.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+def sample(model, tokenizer, prompts: Sequence, config: SAILConfig, k: int, seed: int, rows: int,
+           cache: str | None = None) -> Responses:
+    """k samples per prompt with the config's generation settings; ``rows`` is the batch size the
+    static cache pads to with ``generation_shapes="fixed"`` (one shape per call site, so a run
+    compiles twice at most: training samples and evaluation)."""
+    cache = config.generation_cache if cache is None else cache
+    fixed = cache == "static" and config.generation_shapes == "fixed"
+    with autocast(config, next(model.parameters()).device):
+        return sample_responses(model, tokenizer, prompts, k=k, max_new_tokens=config.max_new_tokens,
+                                temperature=config.temperature, seed=seed,
+                                cache_implementation="static" if cache == "static" else None,
+                                compile=config.generation_compile, isolate=config.cudagraph_isolation,
+                                batch_rows=rows if fixed else None,
+                                prompt_length=config.max_prompt_tokens if fixed else None)
 
 
 # --------------------------------------------------------------------------------------
-# the steps of one iteration
+# 1. draw
 # --------------------------------------------------------------------------------------
 @dataclass
-class Pairs:
-    """One step's pairs: dataset pairs first (y1 = chosen, y2 = rejected), then online pairs
-    (y1, y2 = the first two samples of a prompt). ``routes`` indexes ``objective.ROUTES``."""
+class StepPairs:
+    """One step's pairs, row-aligned: pair i is (prompts[i], first row i, second row i).
+    Dataset pairs come first (y1 = chosen, y2 = rejected), then online pairs."""
 
-    routes: torch.Tensor
-    dataset: Responses | None        # 2n rows: the n chosen, then the n rejected responses
-    online: Responses | None         # k rows per online prompt
-    online_prompts: list
-    truncated_prompts: int
+    routes: torch.Tensor      # [N] long, index into config.ROUTES
+    prompts: list             # [N] the (truncated) prompt of each pair
+    first: Responses          # y1 of every pair
+    second: Responses         # y2 of every pair
+    truncated_prompts: int    # prompts cut to max_prompt_tokens in this step
 
 
-def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, accelerator, seed) -> Pairs:
+def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, process: int = 0,
+               processes: int = 1) -> StepPairs:
     """Route every pair, then take its responses: from the dataset, or fresh samples of pi_theta."""
-    rng = random.Random(seed("data"))
-    routes = rng.choices(range(len(ROUTES)), weights=config.route_probs, k=config.pairs_per_step)
-    dataset_routes = [r for r in routes if RESPONSES_FROM[ROUTES[r]] == "dataset"]
-    online_routes = [r for r in routes if RESPONSES_FROM[ROUTES[r]] == "policy"]
-    rows = [task.preferences[rng.randrange(len(task.preferences))] for _ in dataset_routes]
-    online_prompts = [task.train_prompts[rng.randrange(len(task.train_prompts))] for _ in online_routes]
+    rng = random.Random(step_seed(config.seed, step, 0, "data"))       # one draw for all processes
+    n = config.pairs_per_step
+    routes = rng.choices(range(len(ROUTES)), weights=config.route_probs, k=n * processes)
+    from_dataset = [RESPONSES_FROM[ROUTES[r]] == "dataset" for r in routes]
+    rows = {i: task.preferences[rng.randrange(len(task.preferences))] for i in range(len(routes)) if from_dataset[i]}
+    online = {i: task.train_prompts[rng.randrange(len(task.train_prompts))] for i in range(len(routes))
+              if not from_dataset[i]}
+    mine = range(process * n, (process + 1) * n)                         # this process's pairs
+    dataset_pairs, online_pairs = [i for i in mine if i in rows], [i for i in mine if i in online]
+    rows, online = [rows[i] for i in dataset_pairs], [online[i] for i in online_pairs]
     dataset_prompts, cut_dataset = truncate_prompts_left(tokenizer, [r["prompt"] for r in rows], config.max_prompt_tokens)
-    online_prompts, cut_online = truncate_prompts_left(tokenizer, online_prompts, config.max_prompt_tokens)
-    dataset = online = None
-    if rows:
-        dataset = encode_responses(tokenizer, dataset_prompts + dataset_prompts,
-                                   [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
-    if online_routes:
-        with autocast(config, accelerator):
-            online = sample_responses(policy, tokenizer, online_prompts, k=config.samples_per_prompt,
-                                      max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                      seed=seed("sample"), cache_implementation=_cache(config))
-    return Pairs(torch.tensor(dataset_routes + online_routes), dataset, online, online_prompts,
-                 cut_dataset + cut_online)
+    online_prompts, cut_online = truncate_prompts_left(tokenizer, online, config.max_prompt_tokens)
+
+    firsts, seconds = [], []
+    if rows:                                          # y1 = chosen, y2 = rejected
+        firsts.append(encode_responses(tokenizer, dataset_prompts, [r["chosen"] for r in rows]))
+        seconds.append(encode_responses(tokenizer, dataset_prompts, [r["rejected"] for r in rows]))
+    if online:                                        # y1, y2 ~ pi_theta(. | x): rows 2i and 2i + 1
+        samples = sample(policy, tokenizer, online_prompts, config, k=2,
+                         seed=step_seed(config.seed, step, process, "sample"), rows=2 * n)
+        firsts.append(samples.select(slice(0, None, 2)))
+        seconds.append(samples.select(slice(1, None, 2)))
+    return StepPairs(torch.tensor([routes[i] for i in dataset_pairs + online_pairs]), dataset_prompts + online_prompts,
+                     Responses.cat(firsts, tokenizer.pad_token_id), Responses.cat(seconds, tokenizer.pad_token_id),
+                     cut_dataset + cut_online)
 
 
-def score_pairs(policy, reference: ReferenceModel, pairs: Pairs, config: SAILConfig, accelerator):
-    """(l_theta(y1), l_theta(y2), l_ref(y1), l_ref(y2)), one value per pair; l_theta with gradient."""
-    first, second = [], []
-    with autocast(config, accelerator):
-        if pairs.dataset is not None:
-            n = len(pairs.dataset) // 2
-            pol, ref = _logps(policy, reference, pairs.dataset)
-            first.append((pol[:n], ref[:n]))
-            second.append((pol[n:], ref[n:]))
-        if pairs.online is not None:
-            k = config.samples_per_prompt
-            pol, ref = _logps(policy, reference, pairs.online)
-            first.append((pol[0::k], ref[0::k]))
-            second.append((pol[1::k], ref[1::k]))
-    (pol1, ref1), (pol2, ref2) = [(torch.cat(p), torch.cat(r)) for p, r in (zip(*first), zip(*second))]
-    return pol1, pol2, ref1, ref2
+# --------------------------------------------------------------------------------------
+# 2. score
+# --------------------------------------------------------------------------------------
+@dataclass
+class PairLogps:
+    """l_theta (with gradient) and l_ref of y1 and y2, one value per pair."""
+
+    policy_first: torch.Tensor
+    policy_second: torch.Tensor
+    ref_first: torch.Tensor
+    ref_second: torch.Tensor
 
 
-def label_pairs(pairs: Pairs, logps, task: Task, config: SAILConfig, generator) -> tuple[torch.Tensor, int]:
-    """Is y1 the chosen response? dpo: yes (the dataset's order); dp/pp: a draw of the policy's
-    Bradley-Terry model sig(z); pr: the judge. Returns the labels and the judge queries made."""
-    routes = pairs.routes
-    first_is_chosen = torch.ones(len(routes), dtype=torch.bool)
-    self_labels = implicit_reward_labels(*logps[0::2], *logps[1::2], config.beta, "bernoulli", generator)
-    by_policy = torch.tensor([LABELS_FROM[ROUTES[r]] == "policy" for r in routes.tolist()], dtype=torch.bool)
-    first_is_chosen[by_policy] = self_labels.first_is_chosen[by_policy]
-    by_judge = [i for i, r in enumerate(routes.tolist()) if LABELS_FROM[ROUTES[r]] == "oracle"]
-    if not by_judge:
-        return first_is_chosen, 0
-    offset, k = len(routes) - len(pairs.online_prompts), config.samples_per_prompt
-    online_index = [i - offset for i in by_judge]                  # judged pairs are online pairs
-    judged = _judge_labels(task, [pairs.online_prompts[j] for j in online_index],
-                           [pairs.online.texts[j * k] for j in online_index],
-                           [pairs.online.texts[j * k + 1] for j in online_index], generator)
-    first_is_chosen[by_judge] = judged.first_is_chosen
-    return first_is_chosen, 2 * len(by_judge)
+def score_pairs(policy, reference: ReferenceModel, pairs: StepPairs, config: SAILConfig) -> PairLogps:
+    """One forward pass over [y1 rows; y2 rows] for the policy and one for the reference."""
+    return _score(policy, reference, pair_inputs(pairs), len(pairs.first), config)
 
 
-def pair_loss(logps, first_is_chosen: torch.Tensor, routes: torch.Tensor, config: SAILConfig):
-    """``objective.sail_loss`` with (chosen, rejected) from the labels and coefficients from the routes."""
-    pol1, pol2, ref1, ref2 = logps
-    pick = first_is_chosen.to(pol1.device)
-    response_coef, label_coef = (c.to(pol1.device) for c in config.recipe.coefficients(routes))
-    return sail_loss(torch.where(pick, pol1, pol2), torch.where(pick, pol2, pol1),
-                     torch.where(pick, ref1, ref2), torch.where(pick, ref2, ref1), config.beta,
-                     response_coef=response_coef, label_coef=label_coef,
-                     response_mode=config.response_mode, baseline=config.baseline,
-                     check_finite=False)          # a non-finite log-prob: optimizer_step skips the step
+def pair_inputs(pairs: StepPairs) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, response_mask of [y1 rows; y2 rows] (``sequence_logprobs``'s inputs)."""
+    return Responses.cat([pairs.first, pairs.second], pad_token_id=0).model_inputs()   # pads are masked
 
 
+def _score(policy, reference: ReferenceModel, inputs: dict, n: int, config: SAILConfig) -> PairLogps:
+    device = next(policy.parameters()).device
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    with autocast(config, device):
+        policy_logps = sequence_logprobs(policy, **inputs)
+        ref_logps = reference.logprobs(**inputs)
+    return PairLogps(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:])
+
+
+# --------------------------------------------------------------------------------------
+# 3. label
+# --------------------------------------------------------------------------------------
+def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConfig,
+                generator: torch.Generator) -> tuple[PairLabels, int]:
+    """Is y1 the chosen response? Returns the labels and the judge calls made (2 per judged pair)."""
+    labels_from = [LABELS_FROM[ROUTES[r]] for r in pairs.routes.tolist()]
+    first_is_chosen = torch.ones(len(labels_from), dtype=torch.bool)                   # dataset: y1 = chosen
+    self_labels = implicit_reward_labels(logps.policy_first, logps.ref_first, logps.policy_second,
+                                         logps.ref_second, config.beta, "bernoulli", generator)
+    by_policy = torch.tensor([source == "policy" for source in labels_from])
+    first_is_chosen[by_policy] = self_labels.first_is_chosen[by_policy]                # y1 wins w.p. sig(z)
+    judged = [i for i, source in enumerate(labels_from) if source == "judge"]
+    if judged:
+        judge = task.judge
+        if task.judge_temperature is not None:                                         # P = sig((s1 - s2) / T)
+            judge = lambda p, r: torch.as_tensor(task.judge(p, r), dtype=torch.float32) / task.judge_temperature  # noqa: E731
+        verdict = reward_model_labels(judge, [pairs.prompts[i] for i in judged],
+                                      [pairs.first.texts[i] for i in judged], [pairs.second.texts[i] for i in judged],
+                                      rule="argmax" if task.judge_temperature is None else "bernoulli",
+                                      generator=generator)
+        first_is_chosen[judged] = verdict.first_is_chosen
+    return PairLabels(first_is_chosen), 2 * len(judged)
+
+
+# --------------------------------------------------------------------------------------
+# 4. loss
+# --------------------------------------------------------------------------------------
+def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig) -> SAILLoss:
+    """``objective.sail_loss`` on (chosen, rejected) as labelled, coefficients from the routes."""
+    policy_chosen, policy_rejected = labels.chosen_rejected(logps.policy_first, logps.policy_second)
+    ref_chosen, ref_rejected = labels.chosen_rejected(logps.ref_first, logps.ref_second)
+    response_coef, label_coef = (c.to(policy_chosen.device) for c in config.coefficients(routes))
+    return sail_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta,
+                     response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
+                     baseline=config.baseline, check_finite=False)   # non-finite: optimizer_step skips
+
+
+# --------------------------------------------------------------------------------------
+# 5. step
+# --------------------------------------------------------------------------------------
 def optimizer_step(loss: torch.Tensor, policy, optimizer, scaler, config: SAILConfig, accelerator) -> bool:
     """Backward, average gradients over processes, clip, step. Returns False (and leaves the
     weights untouched) if the loss or any gradient on any process is not finite."""
@@ -305,25 +233,48 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, scaler, config: SAILCo
     return finite
 
 
-def step_record(step: int, out, pairs: Pairs, config: SAILConfig, seconds: dict, counters: dict) -> dict:
-    """The metrics of one step (TRL's names where it has them)."""
-    response_coef, label_coef = config.recipe.coefficients(pairs.routes)
-    online = pairs.online
-    tokens = sum(int(r.response_mask.sum()) for r in (pairs.dataset, online) if r is not None)
-    z = out.z.cpu()
-    return {
-        "step": step, "loss": out.loss.item(), "loss/dpo": out.dpo.mean().item(),
-        "loss/response": _masked_mean(out.response, response_coef > 0),
-        "loss/label": _masked_mean(out.label, label_coef > 0),
-        "rewards/chosen": out.chosen_rewards.mean().item(), "rewards/rejected": out.rejected_rewards.mean().item(),
-        "rewards/margins": z.mean().item(), "rewards/accuracies": (z > 0).float().mean().item(),
-        **{f"pairs/{name}": int((pairs.routes == i).sum()) for i, name in enumerate(ROUTES)},
-        "online/response_length": online.lengths.float().mean().item() if online else None,
-        "online/contains_eos": online.contains_eos.float().mean().item() if online else None,
-        **{f"time/{name}": value for name, value in seconds.items()},
-        "tokens_per_second": tokens / max(seconds["train"], 1e-9),
-        **counters,
-    }
+# --------------------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------------------
+def judge_samples(model, tokenizer, task: Task, config: SAILConfig, seed: int, cache: str | None = None):
+    """One sample per held-out prompt (truncated like training prompts) and its judge score."""
+    prompts, _ = truncate_prompts_left(tokenizer, list(task.eval_prompts[: config.eval_prompts]),
+                                       config.max_prompt_tokens)
+    samples = sample(model, tokenizer, prompts, config, k=1, seed=seed, rows=len(prompts), cache=cache)
+    return samples, torch.as_tensor(task.judge(prompts, samples.texts), dtype=torch.float32)
+
+
+def reference_scores(reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig) -> torch.Tensor:
+    """Judge scores of one reference sample per eval prompt: what the win rate compares against.
+    Sampled once per run with the dynamic cache (a compiled graph would be built for pi_ref alone)."""
+    with reference.as_module() as reference_module:
+        _, scores = judge_samples(reference_module, tokenizer, task, config,
+                                  step_seed(config.seed, -2, 0, "eval-reference"), cache="dynamic")
+    return scores
+
+
+@torch.no_grad()
+def evaluate(policy, reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig,
+             baseline_scores: torch.Tensor) -> dict:
+    """Judge reward, win rate vs the reference's samples and KL(pi || pi_ref) on held-out prompts.
+
+    KL is the Monte-Carlo estimate E_{y ~ pi}[l_theta(y|x) - l_ref(y|x)] on one sample per prompt;
+    win rate counts ties as 1/2. Sampling uses a fixed seed, so steps are comparable.
+    """
+    samples, scores = judge_samples(policy, tokenizer, task, config, step_seed(config.seed, -1, 0, "eval"))
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    inputs = {key: value.to(device) for key, value in samples.model_inputs().items()}
+    with autocast(config, device):
+        kl = (sequence_logprobs(policy, **inputs) - reference.logprobs(**inputs)).float()
+    policy.train(was_training)
+    wins = (scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()
+    return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
+            "eval/reference_judge_reward": baseline_scores.mean().item(),
+            "eval/win_rate": wins.mean().item(), "eval/kl": kl.mean().item(),
+            "eval/response_length": samples.lengths.float().mean().item(),
+            "eval/contains_eos": samples.contains_eos.float().mean().item()}
 
 
 # --------------------------------------------------------------------------------------
@@ -340,11 +291,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     accelerator = accelerator or Accelerator()
     rank, main = accelerator.process_index, accelerator.is_main_process
     out = Path(config.output_dir)
-    checkpoint_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    if config.route_dpo + config.route_dp > 0 and len(task.preferences) == 0:
-        raise ValueError("the config routes pairs to the dataset, but task.preferences is empty")
-    if config.route_pp + config.route_pr > 0 and len(task.train_prompts) == 0:
-        raise ValueError("the config samples online pairs, but task.train_prompts is empty")
+    _check_task(task, config)
+    check_positions(policy, config.max_prompt_tokens, config.max_new_tokens)
 
     policy.to(accelerator.device).train()
     reference = ReferenceModel(policy)                       # pi_ref = the policy as it starts
@@ -354,68 +302,149 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     scaler = torch.amp.GradScaler(accelerator.device.type) if config.mixed_precision == "fp16" else None
     counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
     start = 0
-    if resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=accelerator.device, weights_only=False)
-        changed = sorted(k for k, v in state["config"].items()
-                         if k not in RESUMABLE_CHANGES and getattr(config, k) != v)
-        if changed:
-            raise ValueError(f"{checkpoint_path} was written with other settings: {changed}; "
-                             f"use another output_dir or the same settings to resume")
-        keys = policy.load_state_dict(state["model"], strict=False)
-        trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
-        if keys.unexpected_keys or trainable & set(keys.missing_keys):
-            raise ValueError(f"{checkpoint_path} does not fit this policy: unexpected weights "
-                             f"{keys.unexpected_keys[:3]}, missing {sorted(trainable & set(keys.missing_keys))[:3]}")
-        optimizer.load_state_dict(state["optimizer"])
-        start, counters = state["next_step"], state["counters"]
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-    history = _open_metrics(metrics_path, config, start, resume) if main else []
-    reference_scores = _reference_scores(reference, tokenizer, task, config, accelerator)
+    if resume and (out / "checkpoint.pt").exists():
+        start, counters = _load_checkpoint(out / "checkpoint.pt", config, policy, optimizer, scaler, accelerator)
+    history = _open_metrics(out, config, start, resume) if main else []
+    baseline_scores = reference_scores(reference, tokenizer, task, config)
+    compiled_before = compile_stats()
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (progress and main),
                desc=f"train {config.output_dir}")
     for step in bar:
-        seed = lambda purpose: step_seed(config.seed, step, rank, purpose)  # noqa: E731
-        torch.manual_seed(seed("dropout"))        # dropout masks, if any: resumable like the rest
+        torch.manual_seed(step_seed(config.seed, step, rank, "dropout"))      # dropout masks, if any
         t0 = time.perf_counter()
-        pairs = draw_pairs(policy, tokenizer, task, config, accelerator, seed)                 # 1-2. route, sample
+        # ---------------------------------- ALGORITHM ----------------------------------
+        pairs = draw_pairs(policy, tokenizer, task, config, step, rank, accelerator.num_processes)  # 1. draw
         t1 = time.perf_counter()
-        logps = score_pairs(policy, reference, pairs, config, accelerator)                     # 3. l_theta, l_ref
+        logps = score_pairs(policy, reference, pairs, config)                                        # 2. score
         t2 = time.perf_counter()
-        labels, queries = label_pairs(pairs, logps, task, config,                              # 4. labels
-                                      torch.Generator().manual_seed(seed("labels")))
+        labels, judge_calls = label_pairs(pairs, logps, task, config,                                # 3. label
+                                          torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels")))
         t3 = time.perf_counter()
-        out_loss = pair_loss(logps, labels, pairs.routes, config)                              # 5. SAIL loss
-        finite = optimizer_step(out_loss.loss, policy, optimizer, scaler, config, accelerator)  # 6. step
+        loss = pair_loss(logps, labels, pairs.routes, config)                                        # 4. loss
+        finite = optimizer_step(loss.loss, policy, optimizer, scaler, config, accelerator)           # 5. step
         t4 = time.perf_counter()
-
+        # -------------------------------- BOOKKEEPING ----------------------------------
         counters["truncated_prompts"] += pairs.truncated_prompts
-        counters["judge_queries"] += queries
+        counters["judge_queries"] += judge_calls
+        skipped = {}
         if not finite:
             counters["skipped_steps"] += 1
-            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped "
-                          f"({counters['skipped_steps']} so far)", RuntimeWarning)
+            skipped = explain_skipped_step(out / "skipped" / f"step_{step:06d}.pt", pairs, logps, labels, loss,
+                                           policy, config, step)
+            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({counters['skipped_steps']} "
+                          f"so far): {skipped['skip/what']}; inputs saved to {skipped['skip/inputs']}", RuntimeWarning)
         if not main:
             continue
         seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
-        record = step_record(step, out_loss, pairs, config, seconds, counters)
+        record = step_record(step, loss, pairs, config, seconds, counters, compiled_before) | skipped
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            record.update(evaluate(policy, reference, tokenizer, task, config, reference_scores, accelerator))
+            t5 = time.perf_counter()
+            record.update(evaluate(policy, reference, tokenizer, task, config, baseline_scores))
+            record["time/evaluate"] = time.perf_counter() - t5
+            record.update({f"compile/{k}": v - compiled_before[k] for k, v in compile_stats().items()})
             bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
         history.append(record)
-        with metrics_path.open("a") as f:
+        with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
-            _save_checkpoint(checkpoint_path, config, policy, optimizer, step + 1, counters, scaler)
+            _save_checkpoint(out / "checkpoint.pt", config, policy, optimizer, step + 1, counters, scaler)
     accelerator.wait_for_everyone()
     _check_in_sync(policy, accelerator)
     return history
 
 
+def step_record(step: int, loss: SAILLoss, pairs: StepPairs, config: SAILConfig, seconds: dict, counters: dict,
+                compiled_before: dict) -> dict:
+    """The metrics of one step (TRL's names where it has them)."""
+    response_coef, label_coef = config.coefficients(pairs.routes)
+    online = pairs.routes >= ROUTES.index("pp")
+    lengths = torch.cat([pairs.first.lengths, pairs.second.lengths]).float()
+    with_eos = torch.cat([pairs.first.contains_eos, pairs.second.contains_eos]).float()
+    tokens = int(lengths.sum())
+    z = loss.z.cpu()
+    return {
+        "step": step, "loss": loss.loss.item(), "loss/dpo": loss.dpo.mean().item(),
+        "loss/response": _masked_mean(loss.response, response_coef > 0),
+        "loss/label": _masked_mean(loss.label, label_coef > 0),
+        "rewards/chosen": loss.chosen_rewards.mean().item(), "rewards/rejected": loss.rejected_rewards.mean().item(),
+        "rewards/margins": z.mean().item(), "rewards/accuracies": (z > 0).float().mean().item(),
+        **{f"pairs/{name}": int((pairs.routes == i).sum()) for i, name in enumerate(ROUTES)},
+        "online/response_length": lengths[online.repeat(2)].mean().item() if online.any() else None,
+        "online/contains_eos": with_eos[online.repeat(2)].mean().item() if online.any() else None,
+        **{f"time/{name}": value for name, value in seconds.items()},
+        "tokens_per_second": tokens / max(seconds["train"], 1e-9),
+        **{f"compile/{k}": v - compiled_before[k] for k, v in compile_stats().items()},
+        **counters,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# a skipped step explains itself
+# --------------------------------------------------------------------------------------
+def explain_skipped_step(path: Path, pairs: StepPairs, logps: PairLogps, labels: PairLabels, loss: SAILLoss,
+                         policy, config: SAILConfig, step: int) -> dict:
+    """What was non-finite (the loss, which log-prob rows, which parameter gradients), as metrics,
+    and the step's inputs saved to ``path`` for ``replay_skipped_step``."""
+    bad_rows = {name: (~torch.isfinite(value.detach())).nonzero().flatten().tolist()
+                for name, value in vars(logps).items()}
+    bad_grads = [name for name, p in policy.named_parameters()
+                 if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    what = [] if bool(torch.isfinite(loss.loss)) else ["loss"]
+    what += [f"{name} rows {rows[:8]}" for name, rows in bad_rows.items() if rows]
+    what += [f"gradient of {len(bad_grads)} tensors, first {bad_grads[0]}"] if bad_grads else []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "config": config.to_dict(), "routes": pairs.routes.cpu(),
+                "inputs": {k: v.cpu() for k, v in pair_inputs(pairs).items()},
+                "first_is_chosen": labels.first_is_chosen.cpu(),
+                "trainable": {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}}, path)
+    return {"skip/what": "; ".join(what) or "gradient of another process", "skip/nonfinite_logp_rows": bad_rows,
+            "skip/nonfinite_grads": bad_grads[:20], "skip/inputs": str(path)}
+
+
+def replay_skipped_step(path: str | Path, policy) -> dict:
+    """Recompute a skipped step from its saved inputs on ``policy`` (built as for the run: the same
+    base model, LoRA included), with the trainable weights as they were; return what is non-finite.
+
+        from sail_min.train import replay_skipped_step; print(replay_skipped_step("outputs/run/skipped/step_000012.pt", policy))
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = SAILConfig.from_dict(state["config"])
+    reference = ReferenceModel(policy)                 # a PEFT policy: its base; else the weights as loaded
+    policy.load_state_dict(state["trainable"], strict=False)
+    policy.train()
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(policy)
+    logps = _score(policy, reference, state["inputs"], len(state["routes"]), config)
+    loss = pair_loss(logps, PairLabels(state["first_is_chosen"]), state["routes"], config)
+    policy.zero_grad(set_to_none=True)
+    if torch.isfinite(loss.loss):
+        loss.loss.backward()
+    return {"loss": loss.loss.item(),
+            "nonfinite_logp_rows": {k: (~torch.isfinite(v.detach())).nonzero().flatten().tolist()
+                                    for k, v in vars(logps).items()},
+            "nonfinite_grads": [name for name, p in policy.named_parameters()
+                                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]}
+
+
 # --------------------------------------------------------------------------------------
 # bookkeeping
 # --------------------------------------------------------------------------------------
+def _check_task(task: Task, config: SAILConfig) -> None:
+    if config.route_dpo + config.route_dp > 0 and len(task.preferences) == 0:
+        raise ValueError("the config routes pairs to the dataset, but task.preferences is empty")
+    if config.route_pp + config.route_pr > 0 and len(task.train_prompts) == 0:
+        raise ValueError("the config samples online pairs, but task.train_prompts is empty")
+    if len(task.eval_prompts) == 0:
+        raise ValueError("task.eval_prompts is empty: evaluation needs held-out prompts")
+
+
+def _make_optimizer(config: SAILConfig, params):
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
 def _enable_gradient_checkpointing(policy) -> None:
     enable = getattr(policy, "activation_checkpointing_enable", None)      # transformers >= 5.x name
     if enable is not None:
@@ -424,24 +453,54 @@ def _enable_gradient_checkpointing(policy) -> None:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _open_metrics(metrics_path: Path, config: SAILConfig, start: int, resume: bool) -> list[dict]:
-    """Write config.json; keep the metrics of steps before ``start`` (a resumed run redoes the rest)."""
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    (metrics_path.parent / "config.json").write_text(json.dumps(asdict(config), indent=1))
-    old = metrics_path.read_text().splitlines() if (resume and metrics_path.exists()) else []
-    kept = [line for line in old if json.loads(line)["step"] < start]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
-    return [json.loads(line) for line in kept]
+def _save_checkpoint(path: Path, config: SAILConfig, policy, optimizer, next_step: int, counters: dict,
+                     scaler=None) -> None:
+    """The trainable weights (frozen ones never change), optimizer, step and counters.
+    Atomic: a run killed while saving keeps its previous checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    trainable = {name: p.detach() for name, p in policy.named_parameters() if p.requires_grad}  # LoRA: adapters only
+    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "next_step": next_step,
+                "config": config.to_dict(), "counters": counters,
+                "scaler": scaler.state_dict() if scaler else None}, tmp)
+    os.replace(tmp, path)
 
 
-def _reference_scores(reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig, accelerator):
-    """Judge scores of one reference sample per eval prompt: what the win rate compares against."""
-    eval_prompts = list(task.eval_prompts[: config.eval_prompts])
-    with reference.as_module() as reference_module, autocast(config, accelerator):
-        samples = sample_responses(reference_module, tokenizer, eval_prompts, k=1,
-                                   max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                   seed=step_seed(config.seed, -2, 0, "eval-reference"))
-    return torch.as_tensor(task.judge(eval_prompts, samples.texts), dtype=torch.float32)
+def _load_checkpoint(path: Path, config: SAILConfig, policy, optimizer, scaler, accelerator) -> tuple[int, dict]:
+    state = torch.load(path, map_location=accelerator.device, weights_only=True)
+    changed = sorted(k for k, v in state["config"].items()
+                     if k not in RESUMABLE_CHANGES and getattr(config, k, None) != v)
+    if changed:
+        raise ValueError(f"{path} was written with other settings: {changed}; "
+                         f"use another output_dir or the same settings to resume")
+    keys = policy.load_state_dict(state["model"], strict=False)
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    if keys.unexpected_keys or trainable & set(keys.missing_keys):
+        raise ValueError(f"{path} does not fit this policy: unexpected weights "
+                         f"{keys.unexpected_keys[:3]}, missing {sorted(trainable & set(keys.missing_keys))[:3]}")
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state["next_step"], state["counters"]
+
+
+def _open_metrics(out: Path, config: SAILConfig, start: int, resume: bool) -> list[dict]:
+    """Write config.json; keep the metrics of steps before ``start`` (a resumed run redoes the rest).
+    A half-written last line (a run killed while writing) is dropped."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    for number, line in enumerate(metrics_path.read_text().splitlines() if (resume and metrics_path.exists()) else []):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{metrics_path} line {number + 1} is not complete JSON (a run killed while writing?): "
+                          "dropped, the step is redone", RuntimeWarning)
+            continue
+        if record.get("step", start) < start:
+            kept.append(record)
+    metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    return kept
 
 
 def _check_in_sync(policy, accelerator: Accelerator) -> None:

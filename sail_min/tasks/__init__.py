@@ -11,7 +11,9 @@ from sail_min.tasks.sentiment import (
     label_agreement,
     load_base_model,
     load_sentiment_task,
+    main_job,
     read_jsonl,
+    sentiment_task,
 )
 
 __all__ = [
@@ -22,5 +24,7 @@ __all__ = [
     "label_agreement",
     "load_base_model",
     "load_sentiment_task",
+    "main_job",
     "read_jsonl",
+    "sentiment_task",
 ]

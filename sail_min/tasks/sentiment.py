@@ -229,3 +229,57 @@ def load_base_model(path: str | Path | None = None):
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     return model.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------
+# the task as the training loop sees it, and the main job (the toy comparison)
+# --------------------------------------------------------------------------------------
+REWARD_LABEL = "judge reward (VADER compound, -1..1)"
+METHODS = ["offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp"]
+QUICK = dict(steps=6, pairs_per_step=8, eval_every=3, eval_prompts=16)
+"""The CI-sized main job (2 seeds): the same code path, smaller numbers."""
+
+
+def sentiment_task(root: str | Path | None = None):
+    """The toy task as a ``sail_min.train.Task``, its files read through ``sail_min.data`` (validated)."""
+    from ..data import load_preference_data, load_prompt_data
+    from ..train import Task
+
+    files = load_sentiment_task(root)
+    preferences = [dict(row) for row in load_preference_data(files.preferences_path)]
+    train_prompts = [row["prompt"] for row in load_prompt_data(files.train_prompts_path)]
+    eval_prompts = [row["prompt"] for row in load_prompt_data(files.eval_prompts_path)]
+    return Task(preferences, train_prompts, eval_prompts, files.judge, files.bt_temperature)
+
+
+def equal_judge_budget(task, config):
+    """The toy task's budget rule. Building the offline dataset cost 2 judge queries per pair (672 pairs
+    = 42 steps x 16 pairs, as many queries as online DPO spends labelling its own samples). A method
+    that mixes dataset pairs with judge-labelled online pairs (SAIL-PR) gets only the first
+    ``dataset pairs - E[online judge pairs]`` dataset pairs, so every method spends the same expected
+    judge budget."""
+    import dataclasses
+    if config.route_pr == 0 or config.route_dpo + config.route_dp == 0:
+        return task
+    online_pairs = round(config.route_pr * config.steps * config.pairs_per_step)
+    return dataclasses.replace(task, preferences=task.preferences[:max(1, len(task.preferences) - online_pairs)])
+
+
+def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool = False, progress: bool = True):
+    """offline DPO, online DPO, SAIL-PR, SAIL-PP and SAIL-DP on this task, equal judge budgets.
+
+    Every method starts from the same base policy and takes the same steps and pairs per step.
+    Judge queries in the table count the dataset's construction (2 per dataset pair read) plus
+    the loop's judge labels. Returns the results dict of ``sail_min.compare.run_comparison``."""
+    from ..compare import run_comparison
+    import torch
+
+    torch.set_num_threads(1)            # a 0.35 M-parameter model: one thread is fastest
+    results = run_comparison(METHODS, seeds, out, sentiment_task(), load_base_model,
+                             overrides=QUICK if quick else {}, task_for=equal_judge_budget, resume=resume,
+                             progress=progress)
+    for method in results["methods"].values():
+        reads_dataset = method["config"]["route_dpo"] + method["config"]["route_dp"] > 0
+        for run in method["runs"]:
+            run["judge_queries"] = run["judge_labels"] + (2 * run["dataset_pairs"] if reads_dataset else 0)
+    return results
