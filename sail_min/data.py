@@ -29,7 +29,8 @@ The rules, the same for every format and for both loaders:
     response   text, or exactly ONE 'assistant' message (the policy writes one turn)
     pair       chosen != rejected (identical responses carry no preference)
     file       UTF-8 (a byte-order mark is allowed), at least one row; JSON objects without
-               duplicate keys
+               duplicate keys; a .jsonl row ends at "\n" only (U+2028 etc. may stay inside
+               strings); a local file is one split, "train"
 
 The result is a `datasets.Dataset` with exactly the columns prompt, chosen, rejected (or
 prompt), all rows in one format: plain strings, or message lists of {"role", "content"}.
@@ -125,7 +126,8 @@ def _read_json(path: Path, text: str):
     except ValueError as err:
         raise DataError(f"{path}: {err}") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}"
+                        + (" (for one object per line, name the file .jsonl)" if isinstance(data, dict) else ""))
     rows = []
     for i, row in enumerate(data):
         if not isinstance(row, dict):
@@ -162,19 +164,23 @@ def _read_table(dataset, name: str):
 
 def _read_rows(source: str | Path, split: str) -> list[tuple[str, dict]]:
     """[(where, row)] from a local file or a hub dataset; `where` names the row in messages."""
-    path = Path(source)
-    if path.suffix in LOCAL_SUFFIXES or path.exists():
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_SUFFIXES or path.exists():
+        if split != "train":        # load_dataset("json", data_files=...) also calls its one split "train"
+            raise DataError(f"{path}: a local file has no splits, got split={split!r}; pass the file "
+                            f"that holds that split instead")
         if path.is_dir():
             raise DataError(f"{path}: is a directory, expected a file ending in one of {LOCAL_SUFFIXES}")
         if not path.exists():
             raise DataError(f"{path}: file not found")
         if not path.is_file():
             raise DataError(f"{path}: not a regular file")
-        if path.suffix not in LOCAL_SUFFIXES:
+        if suffix not in LOCAL_SUFFIXES:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}, expected one of {LOCAL_SUFFIXES}")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (no rows)")
-        if path.suffix == ".parquet":
+        if suffix == ".parquet":
             rows = _read_parquet(path)
         else:
             try:
@@ -182,7 +188,7 @@ def _read_rows(source: str | Path, split: str) -> list[tuple[str, dict]]:
             except OSError as err:
                 raise DataError(f"{path}: cannot read the file: {err.strerror or err}") from None
             text = _decode(path, raw)
-            rows = _read_jsonl(path, text) if path.suffix == ".jsonl" else _read_json(path, text)
+            rows = _read_jsonl(path, text) if suffix == ".jsonl" else _read_json(path, text)
     else:
         rows = _read_table(_load_from_hub(str(source), split), f"{source}[{split}]")
     if not rows:
@@ -367,7 +373,9 @@ def _to_dataset(checked: list[tuple[str, dict]]) -> Dataset:
 # Public -----------------------------------------------------------------------------------
 
 def load_preference_data(source: str | Path, split: str = "train") -> Dataset:
-    """Preference pairs (prompt, chosen, rejected) from a local file or a hub dataset, validated."""
+    """Preference pairs (prompt, chosen, rejected) from a local file or a hub dataset, validated.
+
+    `split` names a hub dataset's split; a local file is one split, "train"."""
     rows = _read_rows(source, split)
     return _to_dataset([(where, _preference_row(row, where)) for where, row in rows])
 

@@ -136,7 +136,7 @@ BAD_FILES = [
     ("utf16.jsonl", '{"prompt": "a"}\n'.encode("utf-16"), "utf16.jsonl: not UTF-8 text: the file starts with a UTF-16"),
     ("broken.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n', "row 1 (line 2): invalid JSON"),
     ("list.jsonl", b'["a", "b"]\n', "row 0 (line 1): expected a JSON object, got list"),
-    ("object.json", b'{"prompt": "a"}', "expected a JSON array of objects, got dict"),
+    ("object.json", b'{"prompt": "a"}', "expected a JSON array of objects, got dict (for one object per line, name the file .jsonl)"),
     ("lines.json", b'{"prompt": "a"}\n{"prompt": "b"}\n', "invalid JSON at line 2"),
     ("garbage.parquet", b"not parquet at all", "not a readable parquet file"),
     ("notes.txt", b"hello", "unsupported file type '.txt'"),
@@ -264,3 +264,10 @@ def test_a_huge_number_in_an_unused_field_is_dropped_like_any_extra_field(tmp_pa
     path = tmp_path / "extra.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "id": ' + "7" * 5000 + "}\n")
     assert load_preference_data(path)[0] == {"prompt": "a", "chosen": "b", "rejected": "c"}
+
+
+def test_local_files_have_one_split_and_any_suffix_case(tmp_path):
+    path = write_jsonl(tmp_path / "PAIRS.JSONL", PLAIN)
+    assert len(load_preference_data(path, split="train")) == 2
+    with pytest.raises(DataError, match=r"PAIRS.JSONL: a local file has no splits, got split='test'"):
+        load_prompt_data(path, split="test")
