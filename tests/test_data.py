@@ -271,3 +271,9 @@ def test_local_files_have_one_split_and_any_suffix_case(tmp_path):
     assert len(load_preference_data(path, split="train")) == 2
     with pytest.raises(DataError, match=r"PAIRS.JSONL: a local file has no splits, got split='test'"):
         load_prompt_data(path, split="test")
+
+
+def test_home_directory_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "pairs.jsonl", PLAIN)
+    assert load_preference_data("~/pairs.jsonl")[0] == PLAIN[0]
