@@ -16,6 +16,14 @@ The three sources:
 
 Labels are data, not part of the computation graph: every score is detached.
 
+The judge contract. A judge (reward model, scorer) is any callable
+`judge(prompts, responses) -> scores` with one finite real number per response:
+a list/tuple of numbers or a 1-D tensor/array of length N = len(responses).
+`check_judge_scores` enforces it and names the judge, the count and the first bad index;
+anything else (N +- 1 scores, one score or a column [N, 1], strings, None, bools, NaN,
++-inf) raises ValueError instead of silently mislabelling pairs (NaN >= s is False, so a
+NaN score would make every second response 'chosen').
+
 Reading a reward model. The policy's token ids mean nothing to a reward model with another
 vocabulary, so responses travel as decoded text and are re-tokenised here (with the reward
 model's chat template when it has one), padded on the RIGHT. A decoder reward model is read at
@@ -25,6 +33,7 @@ pad == eos and the text ends with eos: the eos itself looks like padding.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -74,6 +83,69 @@ def choose(first_scores, second_scores, rule: str = "argmax",
     return PairLabels(first_is_chosen, s1, s2)
 
 
+# The judge contract ------------------------------------------------------------------------
+
+def judge_name(judge) -> str:
+    """A readable name for a judge: its __name__, else its type's name (a RewardModelScorer)."""
+    if isinstance(judge, str):
+        return judge
+    return getattr(judge, "__name__", type(judge).__name__)
+
+
+def check_judge_scores(scores, expected: int, judge: Callable | str) -> torch.Tensor:
+    """Check what a judge returned for `expected` responses; return float32 [expected] on the CPU.
+
+    Accepted: a list or tuple of real numbers (int, float, numpy scalars, 0-d tensors), or a
+    1-D tensor / numpy array of a real dtype, with exactly one score per response, every one
+    finite, also as float32. Bools are refused: with a pass/fail judge every pair of two passes
+    is a tie; return float(...) if that is meant.
+    Raises ValueError naming the judge (`judge`: the callable or its name), the number of
+    scores expected and received, and the first bad index.
+    """
+    said = f"judge {judge_name(judge)!r} returned"
+    if isinstance(scores, torch.Tensor) or (hasattr(scores, "__array__") and not isinstance(scores, (list, tuple))):
+        try:
+            values = torch.as_tensor(scores).detach()
+        except (TypeError, ValueError, RuntimeError):                # numpy arrays of objects or strings
+            raise ValueError(f"{said} an array of dtype {getattr(scores, 'dtype', '?')}, expected "
+                             f"{expected} numbers, one per response") from None
+        if values.dim() != 1:
+            what = "a single score (0-d)" if values.dim() == 0 else f"scores of shape {tuple(values.shape)}"
+            raise ValueError(f"{said} {what}, expected {expected} scores (shape ({expected},)), one per response")
+        if len(values) != expected:
+            raise ValueError(f"{said} {len(values)} scores for {expected} responses, expected one per response")
+        if values.dtype == torch.bool or values.is_complex():
+            raise ValueError(f"{said} {expected} scores of dtype {values.dtype} (first bad index 0), "
+                             f"expected real numbers")
+        values = values.cpu().double()
+    else:
+        if isinstance(scores, numbers.Number) and not isinstance(scores, bool):
+            raise ValueError(f"{said} a single score {scores!r:.30}, expected {expected} scores, one per response")
+        if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence):
+            raise ValueError(f"{said} {type(scores).__name__} {scores!r:.60}, expected a list, tuple or "
+                             f"1-D tensor of {expected} scores, one per response")
+        if len(scores) != expected:
+            raise ValueError(f"{said} {len(scores)} scores for {expected} responses, expected one per response")
+        floats = []
+        for i, score in enumerate(scores):
+            if isinstance(score, torch.Tensor) and score.dim() == 0 and score.dtype != torch.bool:
+                score = score.item()
+            if isinstance(score, bool) or not isinstance(score, numbers.Real):
+                raise ValueError(f"{said} {expected} scores for {expected} responses; score {i} is "
+                                 f"{score!r:.60} ({type(score).__name__}), not a real number")
+            floats.append(float(score))
+        values = torch.tensor(floats, dtype=torch.float64)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{said} {expected} scores for {expected} responses; score {bad[0]} is "
+                         f"{values[bad[0]].item()} ({len(bad)} of {expected} not finite)")
+    too_large = (~torch.isfinite(values.float())).nonzero().flatten().tolist()
+    if too_large:
+        raise ValueError(f"{said} {expected} scores for {expected} responses; score {too_large[0]} is "
+                         f"{values[too_large[0]].item():.3g}, too large for float32")
+    return values.float()
+
+
 # (a) dataset ------------------------------------------------------------------------------
 
 def dataset_labels(num_pairs: int) -> PairLabels:
@@ -88,13 +160,15 @@ def reward_model_labels(score_fn: ScoreFn, prompts: Sequence[Prompt], first_resp
                         generator: torch.Generator | None = None) -> PairLabels:
     """Label pairs by s = r_phi(x, y), with `score_fn(prompts, responses) -> scores`.
 
-    `score_fn` is a `RewardModelScorer` or any callable, e.g. a lexicon-based judge.
+    `score_fn` is a `RewardModelScorer` or any callable, e.g. a lexicon-based judge; what it
+    returns is held to the judge contract (`check_judge_scores`).
     """
     if not len(prompts) == len(first_responses) == len(second_responses):
         raise ValueError(f"prompts, first_responses and second_responses differ in length: "
                          f"{len(prompts)}, {len(first_responses)}, {len(second_responses)}")
-    first_scores = score_fn(list(prompts), list(first_responses))
-    second_scores = score_fn(list(prompts), list(second_responses))
+    n = len(prompts)
+    first_scores = check_judge_scores(score_fn(list(prompts), list(first_responses)), n, score_fn)
+    second_scores = check_judge_scores(score_fn(list(prompts), list(second_responses)), n, score_fn)
     return choose(first_scores, second_scores, rule, generator)
 
 
