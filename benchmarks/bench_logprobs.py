@@ -41,69 +41,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sail_min.logprobs import sequence_logprobs  # noqa: E402
-
-
-def naive_sequence_logprobs(model, input_ids, attention_mask, response_mask):
-    """The textbook version: full [B, L, V] log_softmax in fp32 (as most DPO code does)."""
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    logprobs = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).logits[:, :-1].float().log_softmax(dim=-1)   # [B, L-1, V]
-    token_logprobs = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (token_logprobs * response_mask[:, 1:]).sum(dim=1)
-
-
-def make_batch(batch, length, prompt_length, vocab, device, generator):
-    """Prompts left-padded, responses right-padded, lengths varying per row."""
-    input_ids = torch.randint(vocab, (batch, length), generator=generator)
-    attention_mask = torch.ones(batch, length, dtype=torch.long)
-    response_mask = torch.zeros(batch, length, dtype=torch.long)
-    for row in range(batch):
-        left_pad = int(torch.randint(prompt_length // 2, (1,), generator=generator))
-        right_pad = int(torch.randint((length - prompt_length) // 4, (1,), generator=generator))
-        attention_mask[row, :left_pad] = 0
-        if right_pad:
-            attention_mask[row, length - right_pad:] = 0
-        response_mask[row, prompt_length:length - right_pad] = 1
-    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
-
-
-class PeakRSS:
-    """Peak resident set size above the starting one, sampled every `interval` seconds."""
-
-    def __init__(self, interval=0.001):
-        self.interval = interval
-        self.page_bytes = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self):
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * self.page_bytes
-
-    def __enter__(self):
-        self.start = self.peak = self.rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.rss())
-        self.bytes = self.peak - self.start
-
-
-def release_freed_memory():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc: RSS may then include memory freed earlier
-        pass
+from common import PeakRSS, make_batch, naive_sequence_logprobs, release_freed_memory
+from sail_min.logprobs import sequence_logprobs
 
 
 def measure(fn, model, device):

@@ -63,12 +63,12 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_logprobs import PeakRSS, make_batch, naive_sequence_logprobs, release_freed_memory  # noqa: E402
-from sail_min.labels import RewardModelScorer, reward_model_labels  # noqa: E402
-from sail_min.logprobs import ReferenceModel, sequence_logprobs  # noqa: E402
-from sail_min.objective import sail_loss  # noqa: E402
-from sail_min.sampling import (_cut_at_first_eos, _eos_token_ids, _static_cache_failed,  # noqa: E402
+from common import (EOS, PAD, PeakRSS, build_tokenizer, make_batch, make_prompts, naive_sequence_logprobs,
+                    release_freed_memory, synchronize, timed)
+from sail_min.labels import RewardModelScorer, reward_model_labels
+from sail_min.logprobs import ReferenceModel, sequence_logprobs
+from sail_min.objective import sail_loss
+from sail_min.sampling import (cut_at_first_eos, eos_token_ids, static_cache_failed,
                                generation_config, sample_responses)
 
 MODELS = {
@@ -93,7 +93,6 @@ TARGETS = {  # for qwen2-0.5b on one GPU
 BETA, LR = 0.1, 1e-6
 DPO = dict(response_coef=0.0, label_coef=0.0, response_mode="off")
 SAIL = dict(response_coef=0.3, label_coef=0.2, response_mode="exact", baseline="loo")
-PAD, EOS, UNK = 0, 1, 2                   # special ids of the synthetic tokenizer and config
 
 
 # --------------------------------------------------------------------------------------
@@ -102,23 +101,6 @@ PAD, EOS, UNK = 0, 1, 2                   # special ids of the synthetic tokeniz
 def build_config(name: str) -> Qwen2Config:
     return Qwen2Config(**MODELS[name], tie_word_embeddings=True, pad_token_id=PAD, eos_token_id=EOS,
                        bos_token_id=None)
-
-
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the model's vocabulary: token i is the word "t<i>"."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": UNK, **{f"t{i}": i for i in range(3, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
-
-
-def make_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[str]:
-    """n prompts of exactly `length` tokens (random ordinary words); the trailing space keeps a
-    reward model's "prompt + response" text split at the boundary."""
-    ids = torch.randint(3, vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
-    return [" ".join(f"t{i}" for i in row.tolist()) + " " for row in ids]
 
 
 def set_checkpointing(model, enable: bool) -> None:
@@ -130,20 +112,6 @@ def set_checkpointing(model, enable: bool) -> None:
 # --------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: torch.device):
-    """(seconds, result) of fn()."""
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    return time.perf_counter() - start, result
-
-
 def timed_with_peak(fn, device: torch.device) -> tuple[float, int]:
     """(seconds, peak bytes): absolute peak of allocated tensors on CUDA, RSS rise on CPU."""
     if device.type == "cuda":
@@ -274,7 +242,7 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
     rows = k * len(prompts)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     input_ids, attention_mask = batch.input_ids.repeat_interleave(k, 0), batch.attention_mask.repeat_interleave(k, 0)
-    eos_ids = _eos_token_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     prompt_length = input_ids.shape[1]
 
     def plain(greedy=False):
@@ -298,7 +266,7 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
         sampler(None)
     graphs_before = dynamo_graphs()
     first_static_s, _ = timed(lambda: sampler("static"), device)
-    fell_back = model in _static_cache_failed          # the static path raised: the sampler warned, runs dynamic
+    fell_back = static_cache_failed(model)          # the static path raised: the sampler warned, runs dynamic
     compiled = hasattr(model, "_compiled_call") and not fell_back
     for _ in range(2):                                  # CUDA graphs are recorded on the next calls
         sampler("static")
@@ -324,7 +292,7 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
 
     # greedy: the same tokens from the sampler's static path and from plain generate?
     static_greedy = sampler("static", greedy=True)
-    plain_ids, plain_mask, _ = _cut_at_first_eos(plain(greedy=True)[:, prompt_length:], eos_ids, tokenizer.pad_token_id)
+    plain_ids, plain_mask, _ = cut_at_first_eos(plain(greedy=True)[:, prompt_length:], eos_ids, tokenizer.pad_token_id)
     width = max(plain_ids.shape[1], static_greedy.response_ids.shape[1])
     pad = lambda t: torch.nn.functional.pad(t.cpu(), (0, width - t.shape[1]), value=-1)  # noqa: E731
     same_rows = (pad(plain_ids * plain_mask) == pad(static_greedy.response_ids * static_greedy.response_mask)).all(1)

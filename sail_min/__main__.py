@@ -67,8 +67,12 @@ def _train(args) -> int:
         config = SAILConfig.preset(args.preset, **overrides) if not args.config else SAILConfig.from_dict(overrides)
     except ValueError as error:                       # a bad value: the message names the field
         raise SystemExit(f"invalid configuration: {error}") from None
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     policy, tokenizer = load_base_model()
-    history = train(config, policy, tokenizer, sentiment_task(), resume=args.resume)
+    history = train(config, policy, tokenizer, sentiment_task(), resume=args.resume, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(f"trained on {accelerator.num_processes} process(es), {config.pairs_per_step} pairs per step each")
     if history:
         last = [h for h in history if "eval/judge_reward" in h][-1]
         print(f"step {last['step'] + 1}: judge reward {last['eval/judge_reward']:.3f}, "

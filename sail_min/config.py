@@ -45,8 +45,6 @@ PRESETS = {
 }
 """Named presets: the fields they set; everything else is SAILConfig's default."""
 
-RESUMABLE_CHANGES = ("steps", "output_dir", "eval_every", "checkpoint_every")
-"""Settings a resumed run may change: how long it runs and how often it evaluates and saves."""
 
 
 @dataclass(frozen=True)

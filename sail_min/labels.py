@@ -198,16 +198,21 @@ class RewardModelScorer:
     """Callable (prompts, responses) -> scores [N] for a sequence-classification reward model.
 
     Responses are text (decode the policy's ids first), re-tokenised with the reward model's own
-    tokenizer, right-padded, in batches of `batch_size`. The model is put in eval mode.
+    tokenizer, right-padded, in batches of `batch_size`. The model is put in eval mode. A text
+    longer than `max_length` tokens (default: the reward model's positions) loses tokens from its
+    START, so the response, the part being judged, stays whole; `truncated` counts such texts.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32):
+    def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int | None = None):
         if tokenizer.pad_token_id is None:
             raise ValueError("reward tokenizer has no pad token: set tokenizer.pad_token "
                              "(e.g. to tokenizer.eos_token) before scoring batches")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_length = max_length or getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.truncated = 0
+        self.__name__ = f"RewardModelScorer({getattr(model.config, '_name_or_path', '') or type(model).__name__})"
 
     def render(self, prompt: Prompt, response: str | list[dict]) -> str:
         """The text the reward model reads: its chat template over (user: x, assistant: y).
@@ -232,9 +237,13 @@ class RewardModelScorer:
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True,
-                                   padding_side="right", return_tensors="pt",
-                                   add_special_tokens=add_special_tokens).to(device)
+            chunk = texts[start:start + self.batch_size]
+            if self.max_length is not None:
+                lengths = [len(ids) for ids in self.tokenizer(chunk, add_special_tokens=add_special_tokens).input_ids]
+                self.truncated += sum(length > self.max_length for length in lengths)
+            batch = self.tokenizer(chunk, padding=True, padding_side="right", return_tensors="pt",
+                                   truncation=self.max_length is not None, max_length=self.max_length,
+                                   truncation_side="left", add_special_tokens=add_special_tokens).to(device)
             scores.append(reward_scores(self.model, batch.input_ids, batch.attention_mask).float().cpu())
         return torch.cat(scores)
 

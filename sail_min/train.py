@@ -27,7 +27,6 @@ log-prob code calls the model's decoder directly); process 0 evaluates, logs and
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 import warnings
@@ -39,8 +38,9 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .config import LABELS_FROM, RESPONSES_FROM, RESUMABLE_CHANGES, ROUTES, SAILConfig
-from .labels import PairLabels, implicit_reward_labels, reward_model_labels
+from .checkpoint import load_checkpoint, restore, save_checkpoint
+from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
+from .labels import PairLabels, check_judge_scores, implicit_reward_labels, reward_model_labels
 from .logprobs import ReferenceModel, sequence_logprobs
 from .objective import SAILLoss, sail_loss
 from .sampling import (Responses, check_positions, compile_stats, encode_responses, sample_responses,
@@ -183,7 +183,8 @@ def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConf
     if judged:
         judge = task.judge
         if task.judge_temperature is not None:                                         # P = sig((s1 - s2) / T)
-            judge = lambda p, r: torch.as_tensor(task.judge(p, r), dtype=torch.float32) / task.judge_temperature  # noqa: E731
+            def judge(prompts, responses):
+                return check_judge_scores(task.judge(prompts, responses), len(prompts), task.judge) / task.judge_temperature
         verdict = reward_model_labels(judge, [pairs.prompts[i] for i in judged],
                                       [pairs.first.texts[i] for i in judged], [pairs.second.texts[i] for i in judged],
                                       rule="argmax" if task.judge_temperature is None else "bernoulli",
@@ -208,9 +209,11 @@ def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config
 # --------------------------------------------------------------------------------------
 # 5. step
 # --------------------------------------------------------------------------------------
-def optimizer_step(loss: torch.Tensor, policy, optimizer, scaler, config: SAILConfig, accelerator) -> bool:
+def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, scaler=None,
+                   accelerator: Accelerator | None = None) -> bool:
     """Backward, average gradients over processes, clip, step. Returns False (and leaves the
     weights untouched) if the loss or any gradient on any process is not finite."""
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     optimizer.zero_grad(set_to_none=True)
     finite, unscaled = bool(torch.isfinite(loss)), False
     if finite:
@@ -241,7 +244,7 @@ def judge_samples(model, tokenizer, task: Task, config: SAILConfig, seed: int, c
     prompts, _ = truncate_prompts_left(tokenizer, list(task.eval_prompts[: config.eval_prompts]),
                                        config.max_prompt_tokens)
     samples = sample(model, tokenizer, prompts, config, k=1, seed=seed, rows=len(prompts), cache=cache)
-    return samples, torch.as_tensor(task.judge(prompts, samples.texts), dtype=torch.float32)
+    return samples, check_judge_scores(task.judge(prompts, samples.texts), len(prompts), task.judge)
 
 
 def reference_scores(reference: ReferenceModel, tokenizer, task: Task, config: SAILConfig) -> torch.Tensor:
@@ -303,10 +306,12 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
     start = 0
     if resume and (out / "checkpoint.pt").exists():
-        start, counters = _load_checkpoint(out / "checkpoint.pt", config, policy, optimizer, scaler, accelerator)
+        state = load_checkpoint(out / "checkpoint.pt", map_location=accelerator.device)
+        start, counters = restore(state, policy, optimizer, scaler, config=config.to_dict(), path=out / "checkpoint.pt")
     history = _open_metrics(out, config, start, resume) if main else []
     baseline_scores = reference_scores(reference, tokenizer, task, config)
     compiled_before = compile_stats()
+    judge_truncated_before = getattr(task.judge, "truncated", 0)      # judge inputs cut to its length
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (progress and main),
                desc=f"train {config.output_dir}")
@@ -322,7 +327,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
                                           torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels")))
         t3 = time.perf_counter()
         loss = pair_loss(logps, labels, pairs.routes, config)                                        # 4. loss
-        finite = optimizer_step(loss.loss, policy, optimizer, scaler, config, accelerator)           # 5. step
+        finite = optimizer_step(loss.loss, policy, optimizer, config, scaler, accelerator)           # 5. step
         t4 = time.perf_counter()
         # -------------------------------- BOOKKEEPING ----------------------------------
         counters["truncated_prompts"] += pairs.truncated_prompts
@@ -338,6 +343,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
             continue
         seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
         record = step_record(step, loss, pairs, config, seconds, counters, compiled_before) | skipped
+        record["judge_truncated_inputs"] = getattr(task.judge, "truncated", 0) - judge_truncated_before
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             t5 = time.perf_counter()
             record.update(evaluate(policy, reference, tokenizer, task, config, baseline_scores))
@@ -348,7 +354,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
-            _save_checkpoint(out / "checkpoint.pt", config, policy, optimizer, step + 1, counters, scaler)
+            save_checkpoint(out / "checkpoint.pt", model=policy, optimizer=optimizer, next_step=step + 1,
+                            counters=counters, config=config.to_dict(), scaler=scaler)
     accelerator.wait_for_everyone()
     _check_in_sync(policy, accelerator)
     return history
@@ -451,36 +458,6 @@ def _enable_gradient_checkpointing(policy) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _save_checkpoint(path: Path, config: SAILConfig, policy, optimizer, next_step: int, counters: dict,
-                     scaler=None) -> None:
-    """The trainable weights (frozen ones never change), optimizer, step and counters.
-    Atomic: a run killed while saving keeps its previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    trainable = {name: p.detach() for name, p in policy.named_parameters() if p.requires_grad}  # LoRA: adapters only
-    torch.save({"model": trainable, "optimizer": optimizer.state_dict(), "next_step": next_step,
-                "config": config.to_dict(), "counters": counters,
-                "scaler": scaler.state_dict() if scaler else None}, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, config: SAILConfig, policy, optimizer, scaler, accelerator) -> tuple[int, dict]:
-    state = torch.load(path, map_location=accelerator.device, weights_only=True)
-    changed = sorted(k for k, v in state["config"].items()
-                     if k not in RESUMABLE_CHANGES and getattr(config, k, None) != v)
-    if changed:
-        raise ValueError(f"{path} was written with other settings: {changed}; "
-                         f"use another output_dir or the same settings to resume")
-    keys = policy.load_state_dict(state["model"], strict=False)
-    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
-    if keys.unexpected_keys or trainable & set(keys.missing_keys):
-        raise ValueError(f"{path} does not fit this policy: unexpected weights "
-                         f"{keys.unexpected_keys[:3]}, missing {sorted(trainable & set(keys.missing_keys))[:3]}")
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    return state["next_step"], state["counters"]
 
 
 def _open_metrics(out: Path, config: SAILConfig, start: int, resume: bool) -> list[dict]:

@@ -10,7 +10,7 @@ from sail_min.check import (
     bilevel_gradient, lower_objective, monte_carlo_errors, relative_error, slope, solve_lower_level,
     surrogate_gradient, true_gradient,
 )
-from sail_min.objective import ROUTES, Recipe
+from sail_min.config import ROUTES, SAILConfig
 
 F64 = torch.float64
 
@@ -97,7 +97,7 @@ def test_baseline_keeps_the_gradient_unbiased(problem):
 def test_monte_carlo_error_shrinks_like_one_over_sqrt_n(problem):
     bandit, theta = problem
     sizes = (8, 32, 128, 512)
-    errors = monte_carlo_errors(theta, bandit, Recipe(route_dpo=0, route_pr=1, pr_response_coef=1), "pr", sizes)
+    errors = monte_carlo_errors(theta, bandit, SAILConfig(route_dpo=0, route_pr=1, pr_response_coef=1), "pr", sizes)
     assert errors == sorted(errors, reverse=True)
     assert -0.6 < slope(sizes, errors) < -0.4
 
@@ -111,7 +111,7 @@ def test_exact_objective_is_maximised_by_pi_star_for_oracle_dataset_dpo():
 
 def test_training_is_deterministic_and_online_dpo_reaches_the_optimum():
     bandit = make_bandit(n_prompts=4, n_responses=5, beta=0.5, seed=0)
-    online = Recipe(route_dpo=0.0, route_pr=1.0)
+    online = SAILConfig(route_dpo=0.0, route_pr=1.0)
     a = train(bandit, online, n_seeds=2, steps=300, pairs_per_prompt=32, eval_every=100)
     b = train(bandit, online, n_seeds=2, steps=300, pairs_per_prompt=32, eval_every=100)
     assert a == b
@@ -126,7 +126,7 @@ def test_training_is_deterministic_and_online_dpo_reaches_the_optimum():
 def test_non_finite_steps_are_skipped_and_counted():
     """The public-code term divides by log pi(y), which reaches 0 on a tabular policy."""
     bandit = make_bandit(n_prompts=16, n_responses=12, beta=0.3, ref_scale=2.0, seed=0)
-    public = Recipe(route_dpo=0.7, route_pr=0.3, pr_response_coef=0.3, response_mode="public")
+    public = SAILConfig(route_dpo=0.7, route_pr=0.3, pr_response_coef=0.3, response_mode="public")
     hist = train(bandit, public, n_seeds=3, steps=400, eval_every=100)
     assert sum(hist["skipped_steps"]) > 0
     assert all(torch.isfinite(torch.tensor(v)).all() for v in hist["reward"] + hist["kl_opt"])
@@ -136,4 +136,4 @@ def test_dataset_routes_need_a_dataset():
     from sail_min.bandit import sample_pairs
     bandit = make_bandit(n_prompts=2, n_responses=3)
     with pytest.raises(ValueError, match="offline_chosen"):
-        sample_pairs(bandit.ref_logits[None], bandit, Recipe(), 4, torch.Generator())
+        sample_pairs(bandit.ref_logits[None], bandit, SAILConfig(), 4, torch.Generator())

@@ -19,3 +19,19 @@ def test_bench_sail_tiny_reports_ratios(tmp_path):
     fractions = [ratios[f"iteration_{part}_fraction"] for part in ("generate", "label", "train")]
     assert abs(sum(fractions) - 1) < 1e-6
     assert "greedy tokens identical (static vs plain): True" in proc.stdout
+
+
+def test_bench_loop_tiny_runs_the_whole_loop_and_reports_skips_and_compilations(tmp_path):
+    out = tmp_path / "loop.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_loop.py", "--size", "tiny", "--steps", "4",
+                           "--variant", "", "--variant", "cudagraph_isolation=false,generation_shapes=bucketed",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["overrides"]) for r in results] == [
+        (m, v) for v in ({}, {"cudagraph_isolation": False, "generation_shapes": "bucketed"})
+        for m in ("online-dpo", "sail-pr", "sail-pp")]
+    for r in results:
+        assert r["steps"] == 4 and r["skipped_steps"] == 0 and r["compilations"] == 0   # CPU: nothing compiles
+        assert r["generate_s"] > 0 and r["train_s"] > 0 and r["evaluate_s"] > 0
+    assert "skipped" in proc.stdout and "graphs" in proc.stdout

@@ -23,7 +23,7 @@ def requirements_txt() -> tuple[list[Requirement], list[Requirement]]:
         if line.startswith("# tests"):
             part = "test"
         line = line.split("#", 1)[0].strip()
-        if line:
+        if line and not line.startswith("-e "):            # the package itself, editable
             (runtime if part == "runtime" else test).append(Requirement(line))
     return runtime, test
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sail_min.objective import (
-    PRESETS, Recipe, dpo_logits, dpo_loss, implicit_reward, label_term, loo_baseline,
+    dpo_logits, dpo_loss, implicit_reward, label_term, loo_baseline,
     public_code_response_term, response_term, sail_loss,
 )
 
@@ -134,18 +134,15 @@ def test_sail_loss_argument_errors():
         sail_loss(*(t.view(2, 3) for t in random_logps()), 0.1)
 
 
-def test_recipes_validate_and_map_routes_to_coefficients():
-    with pytest.raises(ValueError, match="must be 1"):
-        Recipe(route_dpo=0.5)
-    with pytest.raises(ValueError, match="pp_coef"):
-        Recipe(pp_coef=-0.2)
-    with pytest.raises(ValueError, match="response_mode"):
-        Recipe(response_mode="hook")
-    r = Recipe(route_dpo=0.1, route_dp=0.2, route_pp=0.3, route_pr=0.4, dp_label_coef=1, pp_coef=2,
-               pr_response_coef=3)
-    response, label = r.coefficients(torch.tensor([0, 1, 2, 3]), F64)
-    assert response.tolist() == [0, 0, 2, 3] and label.tolist() == [0, 1, 2, 0]
-    # the public code's defaults (configs/tasks.yaml)
-    assert (PRESETS["sail-pr"].route_pr, PRESETS["sail-pr"].pr_response_coef) == (0.3, 0.3)
-    assert (PRESETS["sail-pp"].route_pp, PRESETS["sail-pp"].pp_coef) == (0.3, 0.2)
-    assert (PRESETS["sail-dp"].route_dp, PRESETS["sail-dp"].dp_label_coef) == (0.4, 0.2)
+def test_objective_imports_nothing_but_torch_and_the_standard_library():
+    """objective.py can be dropped into another trainer on its own."""
+    import ast
+    import inspect
+    import sys
+    import sail_min.objective as objective
+    tree = ast.parse(inspect.getsource(objective))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] or "." for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported - {"__future__", "dataclasses", "torch"} == set(), imported
+    assert all(name in sys.stdlib_module_names or name == "torch" for name in imported - {"__future__"})

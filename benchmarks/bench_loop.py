@@ -1,0 +1,211 @@
+"""The whole `sail_min.train()` loop at notebook 06's real shapes, with random weights.
+
+Policy: Qwen2.5-0.5B-Instruct's shape (24 layers, hidden 896, 14 heads / 2 KV, MLP 4864, vocab
+151,936, tied embeddings) in bf16 + LoRA r=16 on every linear layer, its base as the reference.
+Judge: a Qwen3-0.6B-shaped sequence classifier (28 layers, hidden 1024, 16 heads / 8 KV, MLP 3072)
+in bf16 through `RewardModelScorer`. Notebook 06's settings: 8 pairs per step, 128 new tokens,
+max_prompt_tokens 256, bf16 autocast, gradient checkpointing, static KV cache; prompts of 20-200
+tokens; 128 held-out prompts. Everything is built from configs (nothing is downloaded), with a
+word-level tokenizer over the vocabulary; random weights rarely sample EOS, so responses run to
+128 tokens: the worst case for time.
+
+For each method (online DPO, SAIL-PR, SAIL-PP) and each variant (a set of SAILConfig overrides,
+`--variant`), one `train()` run of `--steps` steps in this process prints:
+  - steady-state seconds per step (median over steps after the first 3 that compiled nothing),
+    split into generate / label / train, and seconds per evaluation;
+  - torch.compile graphs built in the run and seconds spent compiling;
+  - steps skipped as non-finite, and what the first skip says was non-finite;
+  - peak GPU memory (torch.cuda.max_memory_allocated), and, with `--t4`, the same run again with
+    the process's GPU memory capped at a T4's 15 GiB (torch.cuda.set_per_process_memory_fraction).
+The variants exist to find why steps were skipped on CUDA (`cudagraph_isolation`, `generation_compile`,
+`generation_cache`, `generation_shapes`): one GPU call runs them all (`--diagnose`).
+
+    python benchmarks/bench_loop.py                          # tiny shapes, CPU, ~1 min (run by the tests)
+    python benchmarks/bench_loop.py --size real --t4 --out runs/bench_loop.json           # one GPU
+    python benchmarks/bench_loop.py --size real --diagnose --methods online-dpo --steps 8  # root cause
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+from common import EOS, PAD, build_tokenizer, random_texts
+
+from sail_min.config import SAILConfig
+from sail_min.labels import RewardModelScorer
+from sail_min.train import Task, train
+
+SIZES = {
+    "real": dict(policy=dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
+                             rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+                 judge=dict(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960),
+                 lora_rank=16, pairs_per_step=8, max_new_tokens=128, max_prompt_tokens=256, prompt_tokens=(20, 200),
+                 eval_prompts=128, steps=20, eval_every=10, train_prompts=512, preferences=512, response_tokens=(32, 128)),
+    "tiny": dict(policy=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+                 judge=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024),
+                 lora_rank=4, pairs_per_step=4, max_new_tokens=8, max_prompt_tokens=32, prompt_tokens=(4, 24),
+                 eval_prompts=8, steps=6, eval_every=3, train_prompts=32, preferences=32, response_tokens=(2, 8)),
+}
+DIAGNOSE = [  # one change each from the default (static cache, fixed shapes, CUDA graphs, isolation on)
+    {}, {"cudagraph_isolation": False}, {"generation_compile": "no-cudagraphs"}, {"generation_compile": "off"},
+    {"generation_shapes": "bucketed"}, {"generation_cache": "dynamic"},
+]
+T4_BYTES = 15 * 2**30                     # a T4's 16 GB card shows ~15 GiB to torch
+
+
+def build_models(size: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(LoRA policy, its tokenizer, judge): random weights from configs."""
+    import peft
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForSequenceClassification
+    torch.manual_seed(seed)
+    with torch.device(device):
+        base = Qwen2ForCausalLM(Qwen2Config(**size["policy"], tie_word_embeddings=True, pad_token_id=PAD,
+                                            eos_token_id=EOS, bos_token_id=None)).to(dtype)
+        judge_model = Qwen3ForSequenceClassification(Qwen3Config(**size["judge"], num_labels=1, pad_token_id=PAD,
+                                                                 eos_token_id=EOS, bos_token_id=None)).to(dtype)
+    lora = peft.LoraConfig(r=size["lora_rank"], lora_alpha=2 * size["lora_rank"], lora_dropout=0.0,
+                           target_modules="all-linear", task_type="CAUSAL_LM")
+    tokenizer = build_tokenizer(size["policy"]["vocab_size"])
+    policy = peft.get_peft_model(base, lora)
+    return policy, tokenizer, RewardModelScorer(judge_model, tokenizer, batch_size=32)
+
+
+def build_task(size: dict, judge, seed: int = 0) -> Task:
+    """Random-word prompts of 20-200 tokens (real size) and dataset pairs, TRL's plain-text format."""
+    vocab = size["policy"]["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+    prompts = lambda n: random_texts(n, size["prompt_tokens"], vocab, g)  # noqa: E731
+    preference_prompts = prompts(size["preferences"])
+    chosen, rejected = (random_texts(size["preferences"], size["response_tokens"], vocab, g) for _ in range(2))
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(preference_prompts, chosen, rejected)]
+    return Task(rows, prompts(size["train_prompts"]), prompts(size["eval_prompts"]), judge)
+
+
+def run(method: str, overrides: dict, size: dict, device: torch.device, steps: int, out: Path, cap: int | None) -> dict:
+    """One train() run; the numbers of the table."""
+    policy, tokenizer, judge = build_models(size, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    task = build_task(size, judge)
+    config = SAILConfig.preset(
+        method, steps=steps, pairs_per_step=size["pairs_per_step"], max_new_tokens=size["max_new_tokens"],
+        max_prompt_tokens=size["max_prompt_tokens"], eval_prompts=size["eval_prompts"],
+        eval_every=min(size["eval_every"], steps), lr=5e-5, checkpoint_every=0,
+        mixed_precision="bf16" if device.type == "cuda" else "no", gradient_checkpointing=True,
+        **{"generation_cache": "static", **overrides}, output_dir=str(out))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        if cap:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))
+    start = time.perf_counter()
+    error = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)           # skips are counted below
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # inside peft
+        try:
+            history = train(config, policy, tokenizer, task, progress=False)
+        except torch.OutOfMemoryError as oom:                      # the T4 cap: say so, go on
+            history, error = [], f"out of memory: {str(oom).splitlines()[0]}"
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if device.type == "cuda" and cap:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    del policy, judge
+    if not history:
+        return {"method": method, "overrides": overrides, "error": error, "peak_gib": peak}
+    compiled = [h.get("compile/graphs", 0) for h in history]
+    steady = [h for i, h in enumerate(history) if i >= 3 and compiled[i] == compiled[i - 1]] or history[-1:]
+    median = lambda key: statistics.median(h[key] for h in steady)  # noqa: E731
+    evals = [h["time/evaluate"] for h in history if "time/evaluate" in h]
+    skips = [h for h in history if "skip/what" in h]
+    return {"method": method, "overrides": overrides, "steps": len(history), "wall_s": wall,
+            "step_s": median("time/generate") + median("time/label") + median("time/train"),
+            "generate_s": median("time/generate"), "label_s": median("time/label"), "train_s": median("time/train"),
+            "evaluate_s": evals[-1] if evals else None, "compilations": history[-1].get("compile/graphs", 0),
+            "compile_s": history[-1].get("compile/seconds", 0.0), "skipped_steps": history[-1]["skipped_steps"],
+            "first_skip": skips[0]["skip/what"] if skips else None, "peak_gib": peak,
+            "judge_truncated_inputs": history[-1].get("judge_truncated_inputs")}
+
+
+def describe(overrides: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+
+
+def parse_variant(text: str) -> dict:
+    """'generation_compile=off,cudagraph_isolation=false' -> SAILConfig overrides."""
+    fields = SAILConfig().to_dict()
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            sys.exit(f"--variant {text!r}: {key!r} is not a SAILConfig field")
+        overrides[key] = value.lower() in ("1", "true") if isinstance(fields[key], bool) else type(fields[key])(value)
+    return overrides
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--methods", default="online-dpo,sail-pr,sail-pp", help="comma-separated presets")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 20 real, 6 tiny)")
+    parser.add_argument("--variant", action="append", default=None, metavar="FIELD=VALUE,...",
+                        help="SAILConfig overrides of one variant (repeat for several; default: the defaults)")
+    parser.add_argument("--diagnose", action="store_true", help="the variants that isolate the skip's cause")
+    parser.add_argument("--t4", action="store_true", help="also run each method with GPU memory capped at 15 GiB")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--out", type=Path, default=None, help="write every number to this JSON file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    size = SIZES[args.size]
+    steps = args.steps or size["steps"]
+    variants = DIAGNOSE if args.diagnose else [parse_variant(v) for v in args.variant or [""]]
+    print(f"bench_loop: size {args.size}, {steps} steps/run, device {device} "
+          f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "
+          f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for overrides in variants:
+            for method in args.methods.split(","):
+                for cap in ([None, T4_BYTES] if args.t4 and device.type == "cuda" else [None]):
+                    out = Path(tmp) / f"{method}-{len(results)}"
+                    result = run(method, overrides, size, device, steps, out, cap) | {"t4_cap": bool(cap)}
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
+    head = (f"{'method':11s} {'variant':38s} {'T4':>3s} {'step s':>7s} {'gen':>6s} {'label':>6s} {'train':>6s} "
+            f"{'eval s':>7s} {'graphs':>6s} {'comp s':>7s} {'skipped':>7s} {'peak GiB':>8s}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in results:
+        if "error" in r:
+            print(f"{r['method']:11s} {describe(r['overrides']):38s} {'yes' if r['t4_cap'] else '':>3s} {r['error']}")
+            continue
+        fmt = lambda v, w, p: f"{v:{w}.{p}f}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
+        print(f"{r['method']:11s} {describe(r['overrides']):38s} {'yes' if r['t4_cap'] else '':>3s} "
+              f"{fmt(r['step_s'], 7, 2)} {fmt(r['generate_s'], 6, 2)} {fmt(r['label_s'], 6, 2)} {fmt(r['train_s'], 6, 2)} "
+              f"{fmt(r['evaluate_s'], 7, 2)} {r['compilations']:6d} {fmt(r['compile_s'], 7, 1)} "
+              f"{r['skipped_steps']:3d}/{r['steps']:<3d} {fmt(r['peak_gib'], 8, 2)}")
+    for r in results:
+        if r.get("first_skip"):
+            print(f"first skip, {r['method']} {describe(r['overrides'])}: {r['first_skip']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"size": args.size, "device": str(device), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
