@@ -14,7 +14,7 @@ can only estimate can be computed exactly by enumerating all K x K pairs and bot
     Bradley-Terry model sig(z_ij), and z_ij = beta * (h_i - h_j), h = log pi_theta - log pi_ref;
   * the exact expectation of the surrogate gradient of ``objective.sail_loss``.
 
-``train`` runs the finite-sample algorithms (batches of sampled pairs, Adam) for several
+``train_sampled`` runs the finite-sample algorithms (batches of sampled pairs, Adam) for several
 seeds at once; ``sail_min.check`` compares the exact quantities.
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def exact_surrogate_loss(theta, bandit, route, response_coef=1.0, label_coef=1.0
                          dataset_pair_probs=None, dataset_label_probs=None) -> torch.Tensor:
     r"""E[sail_loss] over every (x, y1, y2, label), weighted by its probability (held fixed).
 
-    Its gradient is the exact expectation of the surrogate gradient that ``train`` estimates
+    Its gradient is the exact expectation of the surrogate gradient that ``train_sampled`` estimates
     from samples. ``baseline`` may be "none" or a tensor [M] (one value per prompt).
     Extra terms that do not apply to the route get coefficient 0.
     """
@@ -250,7 +250,7 @@ def log_policy(history: dict, step: int, theta: torch.Tensor, bandit: Bandit) ->
         history[key].append(value.tolist())
 
 
-def train(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pairs_per_prompt=16,
+def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pairs_per_prompt=16,
           offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0) -> dict:
     """Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
 

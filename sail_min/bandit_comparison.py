@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .bandit import expected_reward, kl, make_bandit, train
+from .bandit import expected_reward, kl, make_bandit, train_sampled
 from .config import SAILConfig
 
 
@@ -77,7 +77,7 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
     }
     for name, config in setup.methods.items():
         start = time.perf_counter()
-        history = train(bandit, config, n_seeds=setup.n_seeds, steps=setup.steps,
+        history = train_sampled(bandit, config, n_seeds=setup.n_seeds, steps=setup.steps,
                         pairs_per_prompt=setup.pairs_per_prompt,
                         offline_pairs_per_prompt=setup.offline_pairs_per_prompt, lr=setup.lr)
         seconds = time.perf_counter() - start

@@ -4,7 +4,7 @@ import torch
 
 from sail_min.bandit import (
     exact_objective, exact_surrogate_loss, expected_reward, kl, make_bandit, pair_logits,
-    reference_pair_probs, train,
+    reference_pair_probs, train_sampled,
 )
 from sail_min.check import (
     bilevel_gradient, lower_objective, monte_carlo_errors, relative_error, slope, solve_lower_level,
@@ -112,8 +112,8 @@ def test_exact_objective_is_maximised_by_pi_star_for_oracle_dataset_dpo():
 def test_training_is_deterministic_and_online_dpo_reaches_the_optimum():
     bandit = make_bandit(n_prompts=4, n_responses=5, beta=0.5, seed=0)
     online = SAILConfig(route_dpo=0.0, route_pr=1.0)
-    a = train(bandit, online, n_seeds=2, steps=300, pairs_per_prompt=32, eval_every=100)
-    b = train(bandit, online, n_seeds=2, steps=300, pairs_per_prompt=32, eval_every=100)
+    a = train_sampled(bandit, online, n_seeds=2, steps=300, pairs_per_prompt=32, eval_every=100)
+    b = train_sampled(bandit, online, n_seeds=2, steps=300, pairs_per_prompt=32, eval_every=100)
     assert a == b
     assert a["step"] == [0, 100, 200, 300]
     optimum = expected_reward(bandit.optimal_logits, bandit).item()
@@ -127,7 +127,7 @@ def test_non_finite_steps_are_skipped_and_counted():
     """The public-code term divides by log pi(y), which reaches 0 on a tabular policy."""
     bandit = make_bandit(n_prompts=16, n_responses=12, beta=0.3, ref_scale=2.0, seed=0)
     public = SAILConfig(route_dpo=0.7, route_pr=0.3, pr_response_coef=0.3, response_mode="public")
-    hist = train(bandit, public, n_seeds=3, steps=400, eval_every=100)
+    hist = train_sampled(bandit, public, n_seeds=3, steps=400, eval_every=100)
     assert sum(hist["skipped_steps"]) > 0
     assert all(torch.isfinite(torch.tensor(v)).all() for v in hist["reward"] + hist["kl_opt"])
 
