@@ -351,6 +351,9 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
             record.update({f"compile/{k}": v - compiled_before[k] for k, v in compile_stats().items()})
             bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
         history.append(record)
+        if accelerator.trackers:                      # --report-to tensorboard / wandb (accelerate's trackers)
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                            step=step)
         with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
