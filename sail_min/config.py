@@ -95,6 +95,9 @@ class SAILConfig:
     here have no EOS (logged as contains_eos)"""
     temperature: float = 1.0
     """sampling temperature for online pairs (1 = sample pi_theta itself)"""
+    text_prompts: str = "chat"
+    """how a plain-text prompt meets the policy's chat template: "chat" wraps it as one user message,
+    "text" leaves it as text (TRL's behaviour); message-list prompts always use the template"""
     max_prompt_tokens: int = 512
     """prompts longer than this (chat template included) are cut from the left, in training,
     evaluation and reference sampling alike (counted in the metrics)"""
@@ -145,7 +148,7 @@ class SAILConfig:
             if not (integer(getattr(self, name)) and getattr(self, name) >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)!r}")
         for name, choices in (("response_mode", RESPONSE_MODES), ("baseline", BASELINES),
-                              ("optimizer", ("adamw", "rmsprop")), ("generation_cache", ("dynamic", "static")),
+                              ("optimizer", ("adamw", "rmsprop")), ("text_prompts", ("chat", "text")), ("generation_cache", ("dynamic", "static")),
                               ("generation_shapes", ("fixed", "bucketed")),
                               ("generation_compile", ("cudagraphs", "no-cudagraphs", "off")),
                               ("mixed_precision", ("no", "bf16", "fp16"))):

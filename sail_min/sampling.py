@@ -141,29 +141,44 @@ class Responses:
 # --------------------------------------------------------------------------------------
 # prompts: the text the policy continues, and cutting it to max_prompt_tokens
 # --------------------------------------------------------------------------------------
-def render_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[str]:
-    """Prompt text the policy continues: chat template + generation prompt when there is one."""
+TEXT_PROMPTS = ("chat", "text")
+
+
+def _render(tokenizer, prompt: Prompt, text_prompts: str = "chat", index: int = 0) -> tuple[str, bool]:
+    """(text the policy continues, whether the tokenizer adds its special tokens to it)."""
+    if text_prompts not in TEXT_PROMPTS:
+        raise ValueError(f"text_prompts must be one of {TEXT_PROMPTS}, got {text_prompts!r}")
+    if isinstance(prompt, str) and (tokenizer.chat_template is None or text_prompts == "text"):
+        return prompt, True                        # plain text, with the tokenizer's BOS etc.
+    if tokenizer.chat_template is None:
+        raise ValueError(f"prompts[{index}] is a message list, but the tokenizer has no chat template")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    # a chat template writes its own special tokens
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+
+
+def render_prompts(tokenizer, prompts: Sequence[Prompt], text_prompts: str = "chat") -> list[str]:
+    """Prompt text the policy continues: chat template + generation prompt when there is one.
+
+    A plain-text prompt meets a chat template as one user message (``text_prompts="chat"``, the
+    default here) or stays as it is (``"text"``, what TRL does). Message lists always use the template."""
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or message lists")
-    rendered = []
-    for i, prompt in enumerate(prompts):
-        if tokenizer.chat_template is not None:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        elif isinstance(prompt, str):
-            rendered.append(prompt)
-        else:
-            raise ValueError(f"prompts[{i}] is a message list, but the tokenizer has no chat template")
-    return rendered
+    return [_render(tokenizer, prompt, text_prompts, i)[0] for i, prompt in enumerate(prompts)]
 
 
-def prompt_length(tokenizer, prompt: Prompt) -> int:
+def _prompt_ids(tokenizer, prompt: Prompt, text_prompts: str = "chat", index: int = 0) -> list[int]:
+    text, special = _render(tokenizer, prompt, text_prompts, index)
+    return tokenizer(text, add_special_tokens=special).input_ids
+
+
+def prompt_length(tokenizer, prompt: Prompt, text_prompts: str = "chat") -> int:
     """Tokens of a prompt as the policy reads it: chat template and generation prompt included."""
-    text = render_prompts(tokenizer, [prompt])[0]
-    return len(tokenizer(text, add_special_tokens=tokenizer.chat_template is None).input_ids)
+    return len(_prompt_ids(tokenizer, prompt, text_prompts))
 
 
-def truncate_prompts_left(tokenizer, prompts: Sequence[Prompt], max_tokens: int) -> tuple[list, int]:
+def truncate_prompts_left(tokenizer, prompts: Sequence[Prompt], max_tokens: int,
+                          text_prompts: str = "chat") -> tuple[list, int]:
     """Cut over-long prompts from the left; return (prompts, how many were cut).
 
     Without a chat template, plain text keeps its last ``max_tokens`` tokens. Otherwise a prompt
@@ -174,9 +189,10 @@ def truncate_prompts_left(tokenizer, prompts: Sequence[Prompt], max_tokens: int)
     """
     out, cut = [], 0
     for prompt in prompts:
-        if prompt_length(tokenizer, prompt) > max_tokens:
+        if prompt_length(tokenizer, prompt, text_prompts) > max_tokens:
             cut += 1
-            if tokenizer.chat_template is None:       # keep the last tokens; BOS etc. still added
+            if isinstance(prompt, str) and (tokenizer.chat_template is None or text_prompts == "text"):
+                # plain text: keep the last tokens; BOS etc. still added
                 keep = max_tokens - len(tokenizer("", add_special_tokens=True).input_ids)
                 if keep < 1:
                     raise ValueError(f"max_prompt_tokens={max_tokens} leaves no room for the prompt "
@@ -225,22 +241,29 @@ def check_positions(model, max_prompt_tokens: int, max_new_tokens: int) -> None:
 # generation
 # --------------------------------------------------------------------------------------
 def _tokenize_prompts(tokenizer, prompts: Sequence[Prompt], pad_to_multiple_of: int | None = None,
-                      length: int | None = None):
+                      length: int | None = None, text_prompts: str = "chat") -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask [B, P], left-padded (to a multiple, or to exactly `length`)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token: set tokenizer.pad_token "
                          "(e.g. tokenizer.pad_token = tokenizer.eos_token)")
-    # A chat template writes its own special tokens (BOS, ...); plain text gets the defaults.
-    batch = tokenizer(render_prompts(tokenizer, prompts), padding=True, padding_side="left",
-                      pad_to_multiple_of=pad_to_multiple_of,
-                      return_tensors="pt", add_special_tokens=tokenizer.chat_template is None)
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of strings or message lists")
+    rows = [_prompt_ids(tokenizer, prompt, text_prompts, i) for i, prompt in enumerate(prompts)]
+    width = max(len(ids) for ids in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     if length is not None:
-        if batch.input_ids.shape[1] > length:
-            raise ValueError(f"a prompt has {batch.input_ids.shape[1]} tokens, more than prompt_length={length}: "
+        if width > length:
+            raise ValueError(f"a prompt has {width} tokens, more than prompt_length={length}: "
                              "truncate prompts first (truncate_prompts_left)")
-        extra = length - batch.input_ids.shape[1]
-        batch["input_ids"] = torch.nn.functional.pad(batch.input_ids, (extra, 0), value=tokenizer.pad_token_id)
-        batch["attention_mask"] = torch.nn.functional.pad(batch.attention_mask, (extra, 0), value=0)
-    return batch
+        width = length
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if ids:
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention_mask[i, width - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _pad_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int | None):
@@ -319,7 +342,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
                      temperature: float = 1.0, seed: int | None = None, greedy: bool = False,
                      cache_implementation: str | None = None, compile: str = "cudagraphs",
                      batch_rows: int | None = None, prompt_length: int | None = None,
-                     isolate: bool = True) -> Responses:
+                     isolate: bool = True, text_prompts: str = "chat") -> Responses:
     """Draw k responses per prompt, y ~ pi_theta(. | x); same seed, same samples.
 
     The model is put in eval mode (no dropout) and its training mode restored afterwards;
@@ -339,6 +362,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
         rows at most; prompts of at most prompt_length tokens, a cache of prompt_length +
         max_new_tokens positions): one shape, one compilation.
     isolate: copy generate's output and mark a new CUDA-graph step (see the module docstring).
+    text_prompts: "chat" (a plain-text prompt becomes one user message of the chat template) or
+        "text" (it stays text, as in TRL); see `render_prompts`.
     """
     if k < 1:
         raise ValueError(f"k (responses per prompt) must be at least 1, got {k}")
@@ -349,12 +374,13 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
     device = next(model.parameters()).device
     static = cache_implementation == "static" and model not in _static_cache_failed
     batch = _tokenize_prompts(tokenizer, prompts, None if (not static or prompt_length) else STATIC_PROMPT_BUCKET,
-                              prompt_length if static else None).to(device)
+                              prompt_length if static else None, text_prompts)
+    batch = {key: value.to(device) for key, value in batch.items()}
     eos_ids = eos_token_ids(model, tokenizer)
     # Row i*k + j is sample j of prompt i: the same expansion `num_return_sequences=k` makes,
     # done here so that greedy decoding (which refuses num_return_sequences > 1) shares the path.
-    input_ids = batch.input_ids.repeat_interleave(k, dim=0)
-    attention_mask = batch.attention_mask.repeat_interleave(k, dim=0)
+    input_ids = batch["input_ids"].repeat_interleave(k, dim=0)
+    attention_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
     make_config = lambda cache: generation_config(tokenizer, eos_ids, max_new_tokens, temperature,  # noqa: E731
                                                   greedy, cache, compile, model,
                                                   prompt_length and prompt_length + max_new_tokens)
@@ -383,7 +409,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
         if device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
 
-    prompt_width = batch.input_ids.shape[1]
+    prompt_width = batch["input_ids"].shape[1]
     response_ids, response_mask, contains_eos = cut_at_first_eos(
         sequences[:, prompt_width:], eos_ids, tokenizer.pad_token_id)
     first_real = int(attention_mask.any(dim=0).nonzero()[0]) if attention_mask.any() else 0
@@ -405,7 +431,7 @@ def _response_text(response, index: int) -> str:
     raise ValueError(f"responses[{index}] must be text or a list of one assistant message")
 
 
-def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence) -> Responses:
+def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, text_prompts: str = "chat") -> Responses:
     """Given (prompt, response) rows, e.g. a dataset's chosen answers, in the same layout as
     sampled ones (CPU tensors): the response is tokenised on its own and closed with the EOS
     (appended only when the text does not already end with it, as TRL does).
@@ -415,7 +441,7 @@ def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence) 
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no EOS token to close the responses with")
     responses = [_response_text(response, i) for i, response in enumerate(responses)]
-    batch = _tokenize_prompts(tokenizer, prompts)
+    batch = _tokenize_prompts(tokenizer, prompts, text_prompts=text_prompts)
     eos = tokenizer.eos_token_id
     response_token_lists = [tokenizer(text, add_special_tokens=False).input_ids for text in responses]
     response_token_lists = [ids if ids[-1:] == [eos] else ids + [eos] for ids in response_token_lists]
@@ -425,6 +451,6 @@ def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence) 
         response_ids[row, :len(ids)] = torch.tensor(ids)
     response_mask = (torch.arange(response_ids.shape[1]) < lengths.unsqueeze(1)).long()
     return Responses(
-        prompts=list(prompts), prompt_ids=batch.input_ids, prompt_mask=batch.attention_mask,
+        prompts=list(prompts), prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],
         response_ids=response_ids, response_mask=response_mask, texts=list(responses),
         contains_eos=torch.ones(len(responses), dtype=torch.bool), lengths=lengths)

@@ -86,7 +86,7 @@ def sample(model, tokenizer, prompts: Sequence, config: SAILConfig, k: int, seed
                                 temperature=config.temperature, seed=seed,
                                 cache_implementation="static" if cache == "static" else None,
                                 compile=config.generation_compile, isolate=config.cudagraph_isolation,
-                                batch_rows=rows if fixed else None,
+                                batch_rows=rows if fixed else None, text_prompts=config.text_prompts,
                                 prompt_length=config.max_prompt_tokens if fixed else None)
 
 
@@ -118,13 +118,14 @@ def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, pro
     mine = range(process * n, (process + 1) * n)                         # this process's pairs
     dataset_pairs, online_pairs = [i for i in mine if i in rows], [i for i in mine if i in online]
     rows, online = [rows[i] for i in dataset_pairs], [online[i] for i in online_pairs]
-    dataset_prompts, cut_dataset = truncate_prompts_left(tokenizer, [r["prompt"] for r in rows], config.max_prompt_tokens)
-    online_prompts, cut_online = truncate_prompts_left(tokenizer, online, config.max_prompt_tokens)
+    dataset_prompts, cut_dataset = truncate_prompts_left(tokenizer, [r["prompt"] for r in rows], config.max_prompt_tokens,
+                                                         config.text_prompts)
+    online_prompts, cut_online = truncate_prompts_left(tokenizer, online, config.max_prompt_tokens, config.text_prompts)
 
     firsts, seconds = [], []
     if rows:                                          # y1 = chosen, y2 = rejected
-        firsts.append(encode_responses(tokenizer, dataset_prompts, [r["chosen"] for r in rows]))
-        seconds.append(encode_responses(tokenizer, dataset_prompts, [r["rejected"] for r in rows]))
+        firsts.append(encode_responses(tokenizer, dataset_prompts, [r["chosen"] for r in rows], config.text_prompts))
+        seconds.append(encode_responses(tokenizer, dataset_prompts, [r["rejected"] for r in rows], config.text_prompts))
     if online:                                        # y1, y2 ~ pi_theta(. | x): rows 2i and 2i + 1
         samples = sample(policy, tokenizer, online_prompts, config, k=2,
                          seed=step_seed(config.seed, step, process, "sample"), rows=2 * n)
@@ -242,7 +243,7 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, sc
 def judge_samples(model, tokenizer, task: Task, config: SAILConfig, seed: int, cache: str | None = None):
     """One sample per held-out prompt (truncated like training prompts) and its judge score."""
     prompts, _ = truncate_prompts_left(tokenizer, list(task.eval_prompts[: config.eval_prompts]),
-                                       config.max_prompt_tokens)
+                                       config.max_prompt_tokens, config.text_prompts)
     samples = sample(model, tokenizer, prompts, config, k=1, seed=seed, rows=len(prompts), cache=cache)
     return samples, check_judge_scores(task.judge(prompts, samples.texts), len(prompts), task.judge)
 

@@ -241,3 +241,25 @@ def test_static_cache_failure_warns_once_and_falls_back_to_dynamic(tokenizer, mo
 def test_unknown_cache_implementation_is_refused(policy, tokenizer):
     with pytest.raises(ValueError, match="cache_implementation"):
         sample_responses(policy, tokenizer, ["Hi"], cache_implementation="paged")
+
+
+def test_plain_text_prompts_meet_a_chat_template_as_a_user_message_or_as_text():
+    """text_prompts="chat" (default) wraps a string in the template; "text" leaves it as TRL does,
+    with the tokenizer's own special tokens; message lists use the template either way."""
+    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)                      # has a chat template
+    prompt, messages = "Tell me about the sea.", [{"role": "user", "content": "Tell me about the sea."}]
+    assert render_prompts(tokenizer, [prompt]) == render_prompts(tokenizer, [messages])
+    assert render_prompts(tokenizer, [prompt], text_prompts="text") == [prompt]
+    assert render_prompts(tokenizer, [messages], text_prompts="text") == render_prompts(tokenizer, [messages])
+    as_text = encode_responses(tokenizer, [prompt], ["Calm."], text_prompts="text")
+    assert as_text.prompt_ids[0].tolist() == tokenizer(prompt).input_ids
+    with pytest.raises(ValueError, match="text_prompts"):
+        render_prompts(tokenizer, [prompt], text_prompts="raw")
+
+
+def test_a_response_that_already_ends_with_eos_gets_no_second_one():
+    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)
+    eos = tokenizer.eos_token
+    both = encode_responses(tokenizer, ["Hi", "Hi"], ["Hello.", "Hello." + eos])
+    assert both.lengths[0] == both.lengths[1]
+    assert both.response_ids[1, : both.lengths[1]].tolist().count(tokenizer.eos_token_id) == 1
