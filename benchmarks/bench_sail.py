@@ -313,6 +313,39 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
     return result
 
 
+def static_path_agreement(model, tokenizer, prompts: list[str], new_tokens: int, device) -> dict:
+    """How the static-cache path (compiled on CUDA) agrees with the plain path, in the model's dtype.
+
+    fp32: greedy tokens, static vs plain generate, must be identical. In bf16 near-tied logits flip
+    under round-off, so token identity tests nothing there; instead, for the static path's own greedy
+    tokens, the per-token log-probs that its decode steps computed (generate's logits) are compared with a
+    full-sequence forward pass without cache (the path the loss uses). Tolerance: 1e-3 nats in fp32,
+    0.1 nats in bf16 (bf16 keeps 8 bits of mantissa: logits of size ~10 are off by ~0.04)."""
+    eos_ids = eos_token_ids(model, tokenizer)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    def greedy(cache):
+        config = generation_config(tokenizer, eos_ids, new_tokens, greedy=True, cache_implementation=cache, model=model)
+        config.update(return_dict_in_generate=True, output_logits=True)
+        with torch.no_grad():
+            return model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  generation_config=config)
+    static, plain = greedy("static"), greedy(None)
+    width = batch.input_ids.shape[1]
+    tokens = static.sequences[:, width:]
+    decoded = torch.stack(static.logits, dim=1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    mask = torch.cat([batch.attention_mask, torch.ones_like(tokens)], dim=1)
+    with torch.no_grad():
+        full = model(input_ids=static.sequences, attention_mask=mask,
+                     position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits[:, width - 1:-1]
+    forward = full.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    gap = (decoded - forward).abs()
+    same = static.sequences.shape == plain.sequences.shape and torch.equal(static.sequences, plain.sequences)
+    tolerance = 1e-3 if model.dtype == torch.float32 else 0.1
+    return {"dtype": str(model.dtype).replace("torch.", ""), "greedy_identical": bool(same),
+            "logprob_max_gap": gap.max().item(), "logprob_mean_gap": gap.mean().item(), "tolerance": tolerance,
+            "within_tolerance": bool(gap.max().item() <= tolerance)}
+
+
 # --------------------------------------------------------------------------------------
 # 4: one online iteration
 # --------------------------------------------------------------------------------------
@@ -440,6 +473,16 @@ def main():
           f"compiled graphs {gen['compiled_graphs']}")
     print(f"    greedy, sampler static vs plain generate: identical {gen['greedy_identical']} "
           f"({gen['greedy_identical_rows']} rows)")
+    agreement = [static_path_agreement(model, tokenizer, prompts[:8], min(32, sizes["new_tokens"]), device)]
+    if gen_dtype != torch.float32:                     # and the same model in fp32
+        agreement.append(static_path_agreement(model.float(), tokenizer, prompts[:8], min(32, sizes["new_tokens"]),
+                                               device))
+        model.to(gen_dtype)
+    for a in agreement:
+        print(f"    static path, {a['dtype']}: greedy tokens identical to plain generate {a['greedy_identical']}; "
+              f"per-token log-prob of its tokens vs a full forward: max gap {a['logprob_max_gap']:.1e} "
+              f"(mean {a['logprob_mean_gap']:.1e}) nats, within {a['tolerance']:g}: {a['within_tolerance']}")
+    gen["static_path_agreement"] = agreement
 
     # 4 -------------------------------------------------------------------------------
     it = bench_iteration(model, tokenizer, prompts, sizes["new_tokens"], sizes["pairs"], device, gen_dtype)

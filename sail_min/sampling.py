@@ -307,8 +307,9 @@ def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int = 64, t
                 else dict(do_sample=True, temperature=temperature, **UNTRUNCATED))
     if not greedy and model is not None and getattr(model.generation_config, "min_p", None) is not None:
         sampling["min_p"] = 0.0                     # the model's config sets min_p: neutralise it
-    compiled = dict(compile_config=CompileConfig(mode=COMPILE_MODES[compile])) if COMPILE_MODES[compile] else \
-        dict(disable_compile=True)
+    on_cpu = model is not None and next(model.parameters()).device.type == "cpu"   # transformers compiles on GPUs only
+    compiled = dict(disable_compile=True) if not COMPILE_MODES[compile] else \
+        {} if on_cpu else dict(compile_config=CompileConfig(mode=COMPILE_MODES[compile]))
     return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True,
                             cache_implementation=cache_implementation,

@@ -19,6 +19,9 @@ def test_bench_sail_tiny_reports_ratios(tmp_path):
     fractions = [ratios[f"iteration_{part}_fraction"] for part in ("generate", "label", "train")]
     assert abs(sum(fractions) - 1) < 1e-6
     assert "greedy tokens identical (static vs plain): True" in proc.stdout
+    agreement = json.loads(out.read_text())["generation"]["static_path_agreement"]
+    assert agreement[0]["dtype"] == "float32" and agreement[0]["greedy_identical"]
+    assert agreement[0]["logprob_max_gap"] <= agreement[0]["tolerance"] == 1e-3
 
 
 def test_bench_loop_tiny_runs_the_whole_loop_and_reports_skips_and_compilations(tmp_path):
