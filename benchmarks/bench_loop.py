@@ -15,6 +15,8 @@ For each method (online DPO, SAIL-PR, SAIL-PP) and each variant (a set of SAILCo
     split into generate / label / train, and seconds per evaluation;
   - torch.compile graphs built in the run and seconds spent compiling;
   - steps skipped as non-finite, and what the first skip says was non-finite;
+  - the loop's steady generation time / one bare sampling call with the same settings and rows
+    (the microbenchmark; target <= 1.3);
   - peak GPU memory (torch.cuda.max_memory_allocated), and, with `--t4`, the same run again with
     the process's GPU memory capped at a T4's 15 GiB (torch.cuda.set_per_process_memory_fraction).
 The variants exist to find why steps were skipped on CUDA (`cudagraph_isolation`, `generation_compile`,
@@ -42,7 +44,8 @@ from common import EOS, PAD, build_tokenizer, random_texts
 
 from sail_min.config import SAILConfig
 from sail_min.labels import RewardModelScorer
-from sail_min.train import Task, train
+from sail_min.sampling import truncate_prompts_left
+from sail_min.train import Task, sample, train
 
 SIZES = {
     "real": dict(policy=dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -120,6 +123,7 @@ def run(method: str, overrides: dict, size: dict, device: torch.device, steps: i
             history, error = [], f"out of memory: {str(oom).splitlines()[0]}"
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    micro = sampler_alone(policy, tokenizer, task, config, device) if history else None
     if device.type == "cuda" and cap:
         torch.cuda.set_per_process_memory_fraction(1.0)
     del policy, judge
@@ -136,7 +140,25 @@ def run(method: str, overrides: dict, size: dict, device: torch.device, steps: i
             "evaluate_s": evals[-1] if evals else None, "compilations": history[-1].get("compile/graphs", 0),
             "compile_s": history[-1].get("compile/seconds", 0.0), "skipped_steps": history[-1]["skipped_steps"],
             "first_skip": skips[0]["skip/what"] if skips else None, "peak_gib": peak,
-            "judge_truncated_inputs": history[-1].get("judge_truncated_inputs")}
+            "judge_truncated_inputs": history[-1].get("judge_truncated_inputs"),
+            "sampler_alone_s": micro, "generate_vs_sampler_alone": median("time/generate") / micro}
+
+
+def sampler_alone(policy, tokenizer, task: Task, config: SAILConfig, device: torch.device, repeats: int = 3) -> float:
+    """Seconds of one bare sampling call with the loop's settings and rows (2 x pairs_per_step), after the
+    run (its graphs exist): the microbenchmark the loop's steady generation time is compared with."""
+    prompts, _ = truncate_prompts_left(tokenizer, list(task.train_prompts[: config.pairs_per_step]),
+                                       config.max_prompt_tokens)
+    times = []
+    for i in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        sample(policy, tokenizer, prompts, config, k=2, seed=i, rows=2 * config.pairs_per_step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def describe(overrides: dict) -> str:
@@ -188,7 +210,7 @@ def main():
                     results.append(result)
                     print(json.dumps(result), flush=True)
     head = (f"{'method':11s} {'variant':38s} {'T4':>3s} {'step s':>7s} {'gen':>6s} {'label':>6s} {'train':>6s} "
-            f"{'eval s':>7s} {'graphs':>6s} {'comp s':>7s} {'skipped':>7s} {'peak GiB':>8s}")
+            f"{'eval s':>7s} {'graphs':>6s} {'comp s':>7s} {'skipped':>7s} {'peak GiB':>8s} {'gen/alone':>9s}")
     print("\n" + head + "\n" + "-" * len(head))
     for r in results:
         if "error" in r:
@@ -198,7 +220,8 @@ def main():
         print(f"{r['method']:11s} {describe(r['overrides']):38s} {'yes' if r['t4_cap'] else '':>3s} "
               f"{fmt(r['step_s'], 7, 2)} {fmt(r['generate_s'], 6, 2)} {fmt(r['label_s'], 6, 2)} {fmt(r['train_s'], 6, 2)} "
               f"{fmt(r['evaluate_s'], 7, 2)} {r['compilations']:6d} {fmt(r['compile_s'], 7, 1)} "
-              f"{r['skipped_steps']:3d}/{r['steps']:<3d} {fmt(r['peak_gib'], 8, 2)}")
+              f"{r['skipped_steps']:3d}/{r['steps']:<3d} {fmt(r['peak_gib'], 8, 2)} "
+              f"{fmt(r['generate_vs_sampler_alone'], 9, 2)}")
     for r in results:
         if r.get("first_skip"):
             print(f"first skip, {r['method']} {describe(r['overrides'])}: {r['first_skip']}")
