@@ -182,7 +182,13 @@ def response_term(
     ``baseline``: "none" (b = 0), "loo" (leave-one-out batch mean of f, within ``groups``),
     or a tensor of per-pair baselines that must not depend on the pair itself.
     """
-    weight = dpo_loss(z).detach()
+    return _response_surrogate(dpo_loss(z).detach(), policy_chosen_logps, policy_rejected_logps, baseline, groups)
+
+
+def _response_surrogate(weight: torch.Tensor, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                        baseline: str | torch.Tensor = "none", groups: torch.Tensor | None = None) -> torch.Tensor:
+    """sg[weight - b] * (l(y_w) + l(y_l)), with the baseline b of ``response_term``."""
+    weight = weight.detach()
     if isinstance(baseline, torch.Tensor):
         b = baseline.detach()
     elif baseline == "loo":
@@ -229,10 +235,13 @@ class SAILLoss:
     """Per-pair loss terms (each shape [n_pairs]) and the scalar to minimise.
 
     ``loss = mean(dpo + response_coef * response + label_coef * label)`` (or a weighted sum)
-            ``+ sum(response_coef * public)`` (public mode only; summed, like the hook).
+            ``+ public_hook_scale * mean(response_coef * public)`` (public mode only).
+    ``parts`` holds the three summands of ``loss`` ("dpo", "response", "label"), with gradient, so
+    that each term's gradient can be measured on its own.
     """
 
     loss: torch.Tensor
+    parts: dict
     z: torch.Tensor
     dpo: torch.Tensor
     response: torch.Tensor
@@ -252,6 +261,27 @@ def _as_coef(coef: float | torch.Tensor, like: torch.Tensor, name: str) -> torch
     return coef.expand_as(like)
 
 
+def binary_entropy(z: torch.Tensor) -> torch.Tensor:
+    r"""H(sig(z)) = -sig(z) log sig(z) - sig(-z) log sig(-z), in nats, per pair (stable for any z).
+
+    The expected DPO loss of a pair whose label is drawn from the policy's own Bradley-Terry model:
+    E_{l ~ sig(z)}[-log sig(z_l)] = H(sig(z)), where z_l = z if y1 wins and -z otherwise."""
+    p = torch.sigmoid(z)
+    return -(p * F.logsigmoid(z) + (1 - p) * F.logsigmoid(-z))
+
+
+def expected_label_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""(dpo, label) surrogates of a self-labelled pair with the label averaged out exactly.
+
+    z is the logit in the pair's own order (y1 vs y2), and P_theta(y1 wins) = sig(z). Over the label,
+        E[grad f(z_l)]                           = sig(z)(1-sig(z)) - (1-sig(z))sig(z) = 0
+        E[-log sig(z_l) grad log sig(z_l)]       = grad H(sig(z))
+    so the DPO term keeps its expected value sg[H] with no gradient, and the label term becomes H itself:
+    minimising it sharpens the policy's own preferences, with none of the sampled label's noise."""
+    entropy = binary_entropy(z)
+    return entropy.detach(), entropy
+
+
 def sail_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -263,8 +293,9 @@ def sail_loss(
     response_mode: str = "exact",
     baseline: str | torch.Tensor = "loo",
     groups: torch.Tensor | None = None,
-    grad_accumulation_steps: int = 1,
+    public_hook_scale: float | None = None,
     weights: torch.Tensor | None = None,
+    expected_labels: torch.Tensor | None = None,
     check_finite: bool = True,
 ) -> SAILLoss:
     r"""The SAIL surrogate for a batch of labelled pairs.
@@ -273,7 +304,13 @@ def sail_loss(
     ``response_coef > 0`` only to pairs whose responses were sampled from the policy, and
     ``label_coef > 0`` only to pairs labelled by the policy's implicit reward.
     ``response_mode``: "exact" (the derivation), "public" (the public code's hook), "off".
-    ``grad_accumulation_steps`` only scales the public mode, as the hook was not divided by it.
+    ``public_hook_scale``: the weight of the mean public term relative to the mean DPO term. The
+    public code's hook is divided neither by the batch size nor by gradient accumulation, so in its
+    training step this is per-device batch x accumulation steps (4 x 2 = 8 in its defaults);
+    None = the number of pairs here (a hook on each pair of one step).
+    ``expected_labels`` (bool per pair): pairs whose label comes from the policy's own model and is
+    averaged out exactly (``expected_label_terms``) instead of drawn; pass them in their own order
+    (y1 as "chosen"). Their response-term weight is the expected DPO loss H(sig(z)).
     ``weights`` (per pair, default 1/n_pairs: the batch mean) replace the mean by
     sum_i weights_i * term_i, e.g. probabilities when enumerating pairs exactly, or 1/n_s
     for pairs of independent runs s stacked in one batch. ``check_finite=False``: a non-finite
@@ -281,8 +318,8 @@ def sail_loss(
     """
     if response_mode not in RESPONSE_MODES:
         raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {response_mode!r}")
-    if not (isinstance(grad_accumulation_steps, int) and grad_accumulation_steps >= 1):
-        raise ValueError(f"grad_accumulation_steps must be an int >= 1, got {grad_accumulation_steps!r}")
+    if public_hook_scale is not None and not (isinstance(public_hook_scale, (int, float)) and public_hook_scale > 0):
+        raise ValueError(f"public_hook_scale must be a number > 0 or None, got {public_hook_scale!r}")
     z = dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                    check_finite)
     if z.ndim != 1 or z.numel() == 0:
@@ -296,15 +333,25 @@ def sail_loss(
 
     dpo = dpo_loss(z)                                                    # -log sig(z)
     label = label_term(z)                                                # -1/2 log sig(z)^2
+    response_weight = dpo.detach()                                       # f: what the response term weighs
+    if expected_labels is not None and bool(expected_labels.any()):
+        expected = expected_labels.to(z.device)
+        expected_dpo, expected_label = expected_label_terms(z)           # sg[H(sig z)], H(sig z)
+        dpo, label = torch.where(expected, expected_dpo, dpo), torch.where(expected, expected_label, label)
+        response_weight = torch.where(expected, expected_dpo, response_weight)
+    parts = {"dpo": (weights * dpo).sum(), "label": (weights * label_coef * label).sum()}
     if response_mode == "exact":
-        response = response_term(z, policy_chosen_logps, policy_rejected_logps, baseline, groups)
-        loss = (weights * (dpo + response_coef * response + label_coef * label)).sum()
+        response = _response_surrogate(response_weight, policy_chosen_logps, policy_rejected_logps, baseline, groups)
+        parts["response"] = (weights * response_coef * response).sum()
     elif response_mode == "public":
         response = public_code_response_term(z, policy_chosen_logps, policy_rejected_logps)
-        loss = (weights * (dpo + label_coef * label)).sum() + grad_accumulation_steps * (response_coef * response).sum()
+        scale = z.numel() if public_hook_scale is None else public_hook_scale
+        parts["response"] = scale * (response_coef * response).mean()
     else:
         response = torch.zeros_like(z)
-        loss = (weights * (dpo + label_coef * label)).sum()
-    return SAILLoss(loss=loss, z=z.detach(), dpo=dpo.detach(), response=response.detach(), label=label.detach(),
+        parts["response"] = z.new_zeros(())
+    loss = parts["dpo"] + parts["response"] + parts["label"]
+    return SAILLoss(loss=loss, parts=parts, z=z.detach(), dpo=dpo.detach(), response=response.detach(),
+                    label=label.detach(),
                     chosen_rewards=beta * (policy_chosen_logps - ref_chosen_logps).detach(),
                     rejected_rewards=beta * (policy_rejected_logps - ref_rejected_logps).detach())

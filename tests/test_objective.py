@@ -82,7 +82,7 @@ def test_public_code_mode_reproduces_the_public_gradient_hook():
     (-F.logsigmoid(dpo_logits(lw, ll, rw, rl, beta))).mean().div(accumulation).backward()
 
     out = sail_loss(pw, pl, rw, rl, beta, response_coef=coef, response_mode="public",
-                    grad_accumulation_steps=accumulation)
+                    public_hook_scale=len(pw) * accumulation)      # the hook's weight: batch x accumulation
     (out.loss / accumulation).backward()
     assert torch.allclose(pw.grad, pw_hooked.grad) and torch.allclose(pl.grad, pl_hooked.grad)
     # sign: the public term raises the likelihood of both responses (descent direction > 0)
@@ -146,3 +146,42 @@ def test_objective_imports_nothing_but_torch_and_the_standard_library():
     imported |= {(node.module or "").split(".")[0] or "." for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported - {"__future__", "dataclasses", "torch"} == set(), imported
     assert all(name in sys.stdlib_module_names or name == "torch" for name in imported - {"__future__"})
+
+
+def test_public_hook_scale_default_is_one_hook_per_pair_of_the_step():
+    pw, pl, rw, rl = random_logps(8)
+    default = sail_loss(pw, pl, rw, rl, 0.1, response_coef=0.3, response_mode="public")
+    scaled = sail_loss(pw, pl, rw, rl, 0.1, response_coef=0.3, response_mode="public", public_hook_scale=8)
+    assert torch.allclose(default.loss, scaled.loss)
+    assert torch.allclose(default.parts["response"], 8 * (0.3 * default.response).mean())
+    with pytest.raises(ValueError, match="public_hook_scale"):
+        sail_loss(pw, pl, rw, rl, 0.1, response_mode="public", public_hook_scale=0)
+
+
+def test_parts_sum_to_the_loss():
+    pw, pl, rw, rl = random_logps()
+    out = sail_loss(pw, pl, rw, rl, 0.2, response_coef=0.5, label_coef=0.25)
+    assert torch.allclose(out.parts["dpo"] + out.parts["response"] + out.parts["label"], out.loss)
+    assert torch.allclose(out.parts["label"], (0.25 * out.label).mean())
+
+
+def test_expected_labels_equal_the_mean_over_sampled_labels():
+    """For self-labelled pairs, the expected-label surrogate's gradient equals the exact average over
+    the two labels (y1 wins w.p. sig(z), held fixed) of the sampled-label surrogate's gradient, for
+    the DPO, label and response terms together; its DPO term alone has zero gradient."""
+    pw, pl, rw, rl = random_logps(6, seed=3)
+    beta, coef = 0.7, dict(response_coef=0.4, label_coef=0.3, baseline="none")
+    every = torch.ones(6, dtype=torch.bool)
+    p = torch.sigmoid(dpo_logits(pw, pl, rw, rl, beta)).detach()
+    expected = sail_loss(pw, pl, rw, rl, beta, **coef, expected_labels=every)
+    grad_expected = torch.autograd.grad(expected.loss, (pw, pl))
+    per_pair = []                           # E_l[loss_i] = p_i loss_i(y1 wins) + (1 - p_i) loss_i(y2 wins)
+    for i in range(6):
+        one = lambda a, b, c, d: sail_loss(a[i:i + 1], b[i:i + 1], c[i:i + 1], d[i:i + 1], beta, **coef).loss  # noqa: E731
+        per_pair.append(p[i] * one(pw, pl, rw, rl) + (1 - p[i]) * one(pl, pw, rl, rw))
+    grad_average = torch.autograd.grad(torch.stack(per_pair).mean(), (pw, pl))
+    for a, b in zip(grad_expected, grad_average):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    dpo_only = sail_loss(pw, pl, rw, rl, beta, expected_labels=every)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(dpo_only.loss, (pw, pl)))  # sg[H]
+    assert torch.allclose(expected.dpo, -(p * p.log() + (1 - p) * (1 - p).log()))   # H(sig z)
