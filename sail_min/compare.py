@@ -76,26 +76,47 @@ def summarise_run(history: list[dict], seed: int, seconds: float, task: Task) ->
             "curve": [(h["step"] + 1, h["eval/judge_reward"], h["eval/kl"]) for h in history if "eval/judge_reward" in h]}
 
 
+def reward_at_kl(run: dict, kl: float) -> float | None:
+    """The run's judge reward where its trajectory first reaches KL(pi || pi_base) = kl, by linear
+    interpolation between evaluations (the start is the base policy: KL 0, the reference's reward);
+    None if it never gets there."""
+    points = [(0.0, run["reference_judge_reward"])] + [(k, r) for _, r, k in run["curve"]]
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if k0 <= kl <= k1 and k1 > k0:
+            return r0 + (r1 - r0) * (kl - k0) / (k1 - k0)
+    return None
+
+
+def matched_kl(results: dict) -> float:
+    """Where the frontier is compared: the median over methods of their mean final KL to the base (a method
+    whose runs stop short of it gets no reward there, which says so)."""
+    return statistics.median(statistics.fmean(r["kl"] for r in m["runs"]) for m in results["methods"].values())
+
+
 def format_table(results: dict, labels_column: str = "judge_labels", labels_title: str = "judge labels") -> str:
-    """judge reward, win rate vs base, KL to base (mean +- std over seeds), labels spent, wall time."""
+    """judge reward, win rate vs base, KL to base (mean +- std over seeds), judge reward at one matched KL
+    (the frontier: ``matched_kl``), labels spent, wall time."""
     methods = results["methods"]
+    kl_star = matched_kl(results)
     base_time = statistics.fmean(r["seconds"] for r in next(iter(methods.values()))["runs"])
     hide_times = os.environ.get("SAIL_HIDE_TIMINGS") == "1"      # set by the tests: times vary by machine
-    head = (f"{'method':22s} {'judge reward':>15s} {'win rate vs base':>17s} {'KL to base':>14s} "
-            f"{labels_title:>13s} {'wall s':>7s} {'x first':>7s}")
+    head = (f"{'method':26s} {'judge reward':>15s} {'win rate vs base':>17s} {'KL to base':>14s} "
+            f"{f'reward@KL={kl_star:.2f}':>16s} {labels_title:>13s} {'wall s':>7s} {'x first':>7s}")
     lines = [head, "-" * len(head)]
     for name, m in methods.items():
         runs = m["runs"]
         cells = [mean_std(r[key] for r in runs) for key in ("judge_reward", "win_rate", "kl")]
         seconds = statistics.fmean(r["seconds"] for r in runs)
         labels = statistics.fmean(r[labels_column] for r in runs)
-        lines.append(f"{name:22s} {cells[0][0]:7.3f} +- {cells[0][1]:.3f} {cells[1][0]:8.3f} +- {cells[1][1]:.3f} "
-                     f"{cells[2][0]:6.2f} +- {cells[2][1]:.2f} {labels:13.0f} "
+        matched = [v for v in (reward_at_kl(r, kl_star) for r in runs) if v is not None]
+        at_kl = f"{statistics.fmean(matched):7.3f} ({len(matched)}/{len(runs)})" if matched else f"{'-':>13s}"
+        lines.append(f"{name:26s} {cells[0][0]:7.3f} +- {cells[0][1]:.3f} {cells[1][0]:8.3f} +- {cells[1][1]:.3f} "
+                     f"{cells[2][0]:6.2f} +- {cells[2][1]:.2f} {at_kl:>16s} {labels:13.0f} "
                      + (f"{'-':>7s} {'-':>7s}" if hide_times else f"{seconds:7.1f} {seconds / base_time:7.2f}"))
     lines.append("-" * len(head))
     n = len(next(iter(methods.values()))["runs"])
     lines.append(f"base policy judge reward {results['base_judge_reward']:.3f}; mean +- std over {n} seeds; "
-                 f"'x first' = wall time relative to the first method")
+                 f"reward@KL: mean over the runs (count) that reach that KL; 'x first' = wall time / first method's")
     return "\n".join(lines)
 
 
@@ -107,17 +128,21 @@ def plot_comparison(results: dict, reward_label: str = "judge reward", path=None
     for i, (name, m) in enumerate(results["methods"].items()):
         color = f"C{i}"
         rewards, kls = [r["judge_reward"] for r in m["runs"]], [r["kl"] for r in m["runs"]]
+        curves = [r["curve"] for r in m["runs"]]
+        mean_kl = [0.0] + [statistics.fmean(c[j][2] for c in curves) for j in range(len(curves[0]))]
+        mean_reward = [results["base_judge_reward"]] + [statistics.fmean(c[j][1] for c in curves)
+                                                        for j in range(len(curves[0]))]
+        ax_front.plot(mean_kl, mean_reward, "-", color=color, alpha=0.7)            # along training
         ax_front.scatter(kls, rewards, color=color, alpha=0.4, s=20)
         ax_front.scatter([statistics.fmean(kls)], [statistics.fmean(rewards)], color=color, s=80,
                          edgecolor="k", label=name)
-        curves = [r["curve"] for r in m["runs"]]
         steps = [c[0] for c in curves[0]]
         stats = [mean_std(curve[j][1] for curve in curves) for j in range(len(steps))]
         ax_curve.plot([0] + steps, [results["base_judge_reward"]] + [s for s, _ in stats], color=color, label=name)
         ax_curve.fill_between(steps, [a - b for a, b in stats], [a + b for a, b in stats], color=color, alpha=0.15)
     ax_front.set_xlabel("KL(pi || pi_base) on held-out prompts (nats per response)")
     ax_front.set_ylabel(reward_label)
-    ax_front.set_title("reward vs KL (small dots: seeds)")
+    ax_front.set_title("reward vs KL along training (dots: final, per seed)")
     ax_front.legend(fontsize=8)
     ax_curve.set_xlabel("training step")
     ax_curve.set_ylabel(reward_label)

@@ -42,6 +42,8 @@ PRESETS = {
     "sail-pr": dict(route_dpo=0.7, route_pr=0.3, pr_response_coef=0.3),
     "sail-pp": dict(route_dpo=0.7, route_pp=0.3, pp_coef=0.2),
     "sail-dp": dict(route_dpo=0.6, route_dp=0.4, dp_label_coef=0.2),
+    # iterative DPO in rounds (RLHFlow-style, simplified): online DPO that trains 4 steps on each labelled batch
+    "iterative-dpo": dict(route_dpo=0.0, route_pr=1.0, reuse_steps=4),
 }
 """Named presets: the fields they set; everything else is SAILConfig's default."""
 
@@ -69,7 +71,14 @@ class SAILConfig:
     response_mode: str = "exact"
     """"exact" (the derivation), "public" (the public code's gradient hook) or "off\""""
     baseline: str = "loo"
-    """response-term baseline: "loo" (leave-one-out batch mean of the pair loss) or "none\""""
+    """response-term baseline: "loo" (leave-one-out mean of the pair loss over the step's pairs of the same
+    route) or "none\""""
+    self_labels: str = "sampled"
+    """labels from the policy's own model (dp, pp): "sampled" (a draw of sig(z), as in the paper) or
+    "expected" (averaged out exactly: the same expected gradient without the label's noise)"""
+    public_hook_scale: float = 8.0
+    """response_mode "public": weight of the hook relative to the mean DPO term; the public code's hook is
+    divided by neither batch nor accumulation, so it weighs per-device batch x accumulation (4 x 2)"""
     beta: float = 0.1
     """KL coefficient beta of the implicit reward beta * (l_theta - l_ref)"""
 
@@ -86,6 +95,9 @@ class SAILConfig:
     """optimiser steps (42 x 16 pairs = the toy task's 672 offline pairs once)"""
     pairs_per_step: int = 16
     """preference pairs per optimiser step, all routes together (per process)"""
+    reuse_steps: int = 1
+    """optimiser steps on each drawn and labelled batch of pairs (a round of iterative DPO): more steps
+    per judge label; log-probs are recomputed every step, pairs and labels are not"""
     seed: int = 0
     """seed of every random choice: routing, data order, sampling, labels, evaluation"""
 
@@ -143,12 +155,13 @@ class SAILConfig:
         for name in ("beta", "lr", "temperature"):
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        for name, least in (("steps", 1), ("pairs_per_step", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
+        for name, least in (("steps", 1), ("pairs_per_step", 1), ("reuse_steps", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
                             ("eval_every", 1), ("eval_prompts", 1), ("checkpoint_every", 0), ("seed", 0)):
             if not (integer(getattr(self, name)) and getattr(self, name) >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)!r}")
         for name, choices in (("response_mode", RESPONSE_MODES), ("baseline", BASELINES),
-                              ("optimizer", ("adamw", "rmsprop")), ("text_prompts", ("chat", "text")), ("generation_cache", ("dynamic", "static")),
+                              ("optimizer", ("adamw", "rmsprop")), ("text_prompts", ("chat", "text")),
+                              ("self_labels", ("sampled", "expected")), ("generation_cache", ("dynamic", "static")),
                               ("generation_shapes", ("fixed", "bucketed")),
                               ("generation_compile", ("cudagraphs", "no-cudagraphs", "off")),
                               ("mixed_precision", ("no", "bf16", "fp16"))):
@@ -157,6 +170,11 @@ class SAILConfig:
         for name in ("cudagraph_isolation", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (number(self.public_hook_scale) and self.public_hook_scale > 0):
+            raise ValueError(f"public_hook_scale must be a finite number > 0, got {self.public_hook_scale!r}")
+        if self.checkpoint_every % self.reuse_steps:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of reuse_steps="
+                             f"{self.reuse_steps}: a run resumes at the start of a round")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"output_dir must be a non-empty string, got {self.output_dir!r}")
         uses_response_term = (self.route_pr > 0 and self.pr_response_coef > 0) or (self.route_pp > 0 and self.pp_coef > 0)

@@ -14,6 +14,9 @@ One optimiser step is five functions, each a few lines, called in order by ``tra
               gradient skips the step (weights untouched); the metrics say what was non-finite and
               the step's inputs are saved for ``replay_skipped_step``.
 
+With ``reuse_steps = R > 1`` (iterative DPO in rounds) steps 1 and 3 run once per round of R steps:
+the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step.
+
 Every random choice of step t is seeded by (seed, t, purpose), so a run resumed from a checkpoint
 draws exactly what the uninterrupted run would have drawn. Metrics go to
 ``output_dir/metrics.jsonl``, one line per step (TRL's names where it has them); evaluation lines
@@ -26,6 +29,7 @@ log-prob code calls the model's decoder directly); process 0 evaluates, logs and
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -107,12 +111,18 @@ class StepPairs:
 
 def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, process: int = 0,
                processes: int = 1) -> StepPairs:
-    """Route every pair, then take its responses: from the dataset, or fresh samples of pi_theta."""
+    """Route every pair, then take its responses: from the dataset, or fresh samples of pi_theta.
+
+    Dataset pairs are read in shuffled passes: the d-th draw's pair slot j (of n x processes) holds row
+    permutation_e[(d n W + j) mod N] of pass e, so offline DPO sees every row once per pass; a slot routed
+    online skips its row in that pass. Online prompts are drawn uniformly."""
     rng = random.Random(step_seed(config.seed, step, 0, "data"))       # one draw for all processes
     n = config.pairs_per_step
     routes = rng.choices(range(len(ROUTES)), weights=config.route_probs, k=n * processes)
     from_dataset = [RESPONSES_FROM[ROUTES[r]] == "dataset" for r in routes]
-    rows = {i: task.preferences[rng.randrange(len(task.preferences))] for i in range(len(routes)) if from_dataset[i]}
+    first_slot = (step // config.reuse_steps) * n * processes          # slots of all earlier draws
+    rows = {i: task.preferences[dataset_row(config.seed, first_slot + i, len(task.preferences))]
+            for i in range(len(routes)) if from_dataset[i]}
     online = {i: task.train_prompts[rng.randrange(len(task.train_prompts))] for i in range(len(routes))
               if not from_dataset[i]}
     mine = range(process * n, (process + 1) * n)                         # this process's pairs
@@ -134,6 +144,18 @@ def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, pro
     return StepPairs(torch.tensor([routes[i] for i in dataset_pairs + online_pairs]), dataset_prompts + online_prompts,
                      Responses.cat(firsts, tokenizer.pad_token_id), Responses.cat(seconds, tokenizer.pad_token_id),
                      cut_dataset + cut_online)
+
+
+def dataset_row(seed: int, slot: int, rows: int) -> int:
+    """Row of the dataset at global slot ``slot``: passes over a fresh permutation each."""
+    return _permutation(seed, slot // rows, rows)[slot % rows]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, rows: int) -> list[int]:
+    order = list(range(rows))
+    random.Random(step_seed(seed, epoch, 0, "dataset-pass")).shuffle(order)
+    return order
 
 
 # --------------------------------------------------------------------------------------
@@ -179,7 +201,8 @@ def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConf
     self_labels = implicit_reward_labels(logps.policy_first, logps.ref_first, logps.policy_second,
                                          logps.ref_second, config.beta, "bernoulli", generator)
     by_policy = torch.tensor([source == "policy" for source in labels_from])
-    first_is_chosen[by_policy] = self_labels.first_is_chosen[by_policy]                # y1 wins w.p. sig(z)
+    if config.self_labels == "sampled":               # "expected": the loss averages the label out (pair order kept)
+        first_is_chosen[by_policy] = self_labels.first_is_chosen[by_policy]            # y1 wins w.p. sig(z)
     judged = [i for i, source in enumerate(labels_from) if source == "judge"]
     if judged:
         judge = task.judge
@@ -198,22 +221,43 @@ def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConf
 # 4. loss
 # --------------------------------------------------------------------------------------
 def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig) -> SAILLoss:
-    """``objective.sail_loss`` on (chosen, rejected) as labelled, coefficients from the routes."""
+    """``objective.sail_loss`` on (chosen, rejected) as labelled, coefficients from the routes; the
+    response term's leave-one-out baseline is taken within each route."""
     policy_chosen, policy_rejected = labels.chosen_rejected(logps.policy_first, logps.policy_second)
     ref_chosen, ref_rejected = labels.chosen_rejected(logps.ref_first, logps.ref_second)
     response_coef, label_coef = (c.to(policy_chosen.device) for c in config.coefficients(routes))
+    expected = None
+    if config.self_labels == "expected":
+        expected = torch.tensor([LABELS_FROM[ROUTES[r]] == "policy" for r in routes.tolist()])
     return sail_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta,
                      response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
-                     baseline=config.baseline, check_finite=False)   # non-finite: optimizer_step skips
+                     baseline=config.baseline, groups=routes.to(policy_chosen.device),   # baseline per route
+                     public_hook_scale=config.public_hook_scale, expected_labels=expected,
+                     check_finite=False)                                               # non-finite: step skipped
+
+
+def term_gradient_norms(loss: SAILLoss, policy) -> dict:
+    """||grad|| of each term of the loss on its own (3 extra backward passes: logged at evaluations)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    norms = {}
+    for name, part in loss.parts.items():
+        if not part.requires_grad:
+            norms[f"grad_norm/{name}"] = 0.0
+            continue
+        grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+        norms[f"grad_norm/{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item() \
+            if any(g is not None for g in grads) else 0.0
+    return norms
 
 
 # --------------------------------------------------------------------------------------
 # 5. step
 # --------------------------------------------------------------------------------------
 def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, scaler=None,
-                   accelerator: Accelerator | None = None) -> bool:
-    """Backward, average gradients over processes, clip, step. Returns False (and leaves the
-    weights untouched) if the loss or any gradient on any process is not finite."""
+                   accelerator: Accelerator | None = None) -> float | None:
+    """Backward, average gradients over processes, clip, step. Returns the gradient norm before
+    clipping, or None (and leaves the weights untouched) if the loss or any gradient on any process
+    is not finite."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     optimizer.zero_grad(set_to_none=True)
     finite, unscaled = bool(torch.isfinite(loss)), False
@@ -228,13 +272,13 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, sc
         finite = all(bool(torch.isfinite(p.grad).all()) for p in policy.parameters() if p.grad is not None)
     finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
                   == accelerator.num_processes)
+    norm = None
     if finite:
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm or float("inf")).item()
         scaler.step(optimizer) if scaler else optimizer.step()
     if unscaled:
         scaler.update()                                   # lowers the fp16 scale after an overflow
-    return finite
+    return norm
 
 
 # --------------------------------------------------------------------------------------
@@ -319,20 +363,26 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     for step in bar:
         torch.manual_seed(step_seed(config.seed, step, rank, "dropout"))      # dropout masks, if any
         t0 = time.perf_counter()
+        new_round = step % config.reuse_steps == 0 or step == start           # reuse_steps > 1: iterative rounds
+        evaluating = main and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps)
         # ---------------------------------- ALGORITHM ----------------------------------
-        pairs = draw_pairs(policy, tokenizer, task, config, step, rank, accelerator.num_processes)  # 1. draw
+        if new_round:
+            pairs = draw_pairs(policy, tokenizer, task, config, step, rank, accelerator.num_processes)  # 1. draw
         t1 = time.perf_counter()
         logps = score_pairs(policy, reference, pairs, config)                                        # 2. score
         t2 = time.perf_counter()
-        labels, judge_calls = label_pairs(pairs, logps, task, config,                                # 3. label
-                                          torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels")))
+        if new_round:
+            labels, judge_calls = label_pairs(pairs, logps, task, config,                            # 3. label
+                                              torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels")))
         t3 = time.perf_counter()
         loss = pair_loss(logps, labels, pairs.routes, config)                                        # 4. loss
-        finite = optimizer_step(loss.loss, policy, optimizer, config, scaler, accelerator)           # 5. step
+        term_norms = term_gradient_norms(loss, policy) if evaluating else {}
+        grad_norm = optimizer_step(loss.loss, policy, optimizer, config, scaler, accelerator)        # 5. step
+        finite = grad_norm is not None
         t4 = time.perf_counter()
         # -------------------------------- BOOKKEEPING ----------------------------------
-        counters["truncated_prompts"] += pairs.truncated_prompts
-        counters["judge_queries"] += judge_calls
+        counters["truncated_prompts"] += pairs.truncated_prompts if new_round else 0
+        counters["judge_queries"] += judge_calls if new_round else 0
         skipped = {}
         if not finite:
             counters["skipped_steps"] += 1
@@ -343,9 +393,11 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         if not main:
             continue
         seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
-        record = step_record(step, loss, pairs, config, seconds, counters, compiled_before) | skipped
+        record = step_record(step, loss, pairs, config, seconds, counters, compiled_before) | skipped | term_norms
+        record["grad_norm"] = grad_norm                                   # before clipping
+        record["clipped"] = bool(config.max_grad_norm and finite and grad_norm > config.max_grad_norm)
         record["judge_truncated_inputs"] = getattr(task.judge, "truncated", 0) - judge_truncated_before
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        if evaluating:
             t5 = time.perf_counter()
             record.update(evaluate(policy, reference, tokenizer, task, config, baseline_scores))
             record["time/evaluate"] = time.perf_counter() - t5

@@ -11,7 +11,9 @@ from sail_min.tasks.sentiment import (
     label_agreement,
     load_base_model,
     load_sentiment_task,
+    full_job,
     main_job,
+    task_for_method,
     read_jsonl,
     sentiment_task,
 )
@@ -24,7 +26,9 @@ __all__ = [
     "label_agreement",
     "load_base_model",
     "load_sentiment_task",
+    "full_job",
     "main_job",
+    "task_for_method",
     "read_jsonl",
     "sentiment_task",
 ]

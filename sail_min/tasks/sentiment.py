@@ -235,9 +235,18 @@ def load_base_model(path: str | Path | None = None):
 # the task as the training loop sees it, and the main job (the toy comparison)
 # --------------------------------------------------------------------------------------
 REWARD_LABEL = "judge reward (VADER compound, -1..1)"
-METHODS = ["offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp"]
+METHODS = [
+    "offline-dpo", "online-dpo", "iterative-dpo",
+    "sail-pr", ("sail-pr-control", "sail-pr", {"pr_response_coef": 0.0}),      # online DPO on its 30% of pairs
+    ("sail-pr-public-hook", "sail-pr", {"response_mode": "public"}),          # the public code's term, at its scale
+    "sail-pp", ("sail-pp-control", "sail-pp", {"pp_coef": 0.0}),              # self-labelled pairs, no extra terms
+    "sail-dp", ("sail-dp-control", "sail-dp", {"dp_label_coef": 0.0}),        # relabelled dataset pairs, no term
+]
+"""The main job's methods: each SAIL variant beside its control (the same routing, extra terms off)."""
 QUICK = dict(steps=6, pairs_per_step=8, eval_every=3, eval_prompts=16)
 """The CI-sized main job (2 seeds): the same code path, smaller numbers."""
+FULL = dict(lrs=(2.5e-4, 5e-4, 1e-3), betas=(0.05, 0.2))
+"""--full: a learning-rate grid (each method reported at its best) and a beta sweep for the frontier."""
 
 
 def sentiment_task(root: str | Path | None = None):
@@ -252,34 +261,56 @@ def sentiment_task(root: str | Path | None = None):
     return Task(preferences, train_prompts, eval_prompts, files.judge, files.bt_temperature)
 
 
-def equal_judge_budget(task, config):
-    """The toy task's budget rule. Building the offline dataset cost 2 judge queries per pair (672 pairs
-    = 42 steps x 16 pairs, as many queries as online DPO spends labelling its own samples). A method
-    that mixes dataset pairs with judge-labelled online pairs (SAIL-PR) gets only the first
-    ``dataset pairs - E[online judge pairs]`` dataset pairs, so every method spends the same expected
-    judge budget."""
+def task_for_method(task, config):
+    """This task's rules for one run:
+
+    - equal judge budget: building the offline dataset cost 2 judge queries per pair (672 pairs = 42 steps
+      x 16 pairs, as many queries as online DPO spends labelling its own samples). A method that mixes
+      dataset pairs with judge-labelled online pairs (SAIL-PR) gets only the first
+      ``dataset pairs - E[online judge pairs]`` dataset pairs, so every method spends the same expected budget;
+    - the public code labels pairs by the reward model's argmax: its row gets argmax judge labels (the
+      others draw Bradley-Terry labels at the temperature the dataset was labelled with)."""
     import dataclasses
+    if config.response_mode == "public":
+        task = dataclasses.replace(task, judge_temperature=None)
     if config.route_pr == 0 or config.route_dpo + config.route_dp == 0:
         return task
-    online_pairs = round(config.route_pr * config.steps * config.pairs_per_step)
+    online_pairs = round(config.route_pr * config.steps * config.pairs_per_step / config.reuse_steps)
     return dataclasses.replace(task, preferences=task.preferences[:max(1, len(task.preferences) - online_pairs)])
 
 
-def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool = False, progress: bool = True):
-    """offline DPO, online DPO, SAIL-PR, SAIL-PP and SAIL-DP on this task, equal judge budgets.
+def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool = False, progress: bool = True,
+             overrides: dict | None = None):
+    """Every method of ``METHODS`` on this task: the same steps and pairs per step, equal judge budgets.
 
-    Every method starts from the same base policy and takes the same steps and pairs per step.
-    Judge queries in the table count the dataset's construction (2 per dataset pair read) plus
-    the loop's judge labels. Returns the results dict of ``sail_min.compare.run_comparison``."""
+    Judge queries in the table count the dataset's construction (2 per dataset pair read) plus the
+    loop's judge labels. Returns the results dict of ``sail_min.compare.run_comparison``."""
     from ..compare import run_comparison
     import torch
 
     torch.set_num_threads(1)            # a 0.35 M-parameter model: one thread is fastest
     results = run_comparison(METHODS, seeds, out, sentiment_task(), load_base_model,
-                             overrides=QUICK if quick else {}, task_for=equal_judge_budget, resume=resume,
-                             progress=progress)
+                             overrides={**(QUICK if quick else {}), **(overrides or {})}, task_for=task_for_method,
+                             resume=resume, progress=progress)
     for method in results["methods"].values():
         reads_dataset = method["config"]["route_dpo"] + method["config"]["route_dp"] > 0
         for run in method["runs"]:
             run["judge_queries"] = run["judge_labels"] + (2 * run["dataset_pairs"] if reads_dataset else 0)
     return results
+
+
+def full_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
+    """``main_job`` at every learning rate of ``FULL["lrs"]`` (each method reported at the lr of its best
+    mean final judge reward) and at every beta of ``FULL["betas"]`` (the reward-KL frontier)."""
+    out = Path(out)
+    runs = {f"lr={lr:g}": main_job(out / f"lr{lr:g}", seeds, progress=progress, overrides={"lr": lr})
+            for lr in FULL["lrs"]}
+    import statistics
+    best = {"methods": {}, "seeds": seeds, "overrides": {}}
+    for name in runs[next(iter(runs))]["methods"]:
+        key = max(runs, key=lambda k: statistics.fmean(r["judge_reward"] for r in runs[k]["methods"][name]["runs"]))
+        best["methods"][f"{name} ({key})"] = runs[key]["methods"][name]
+    best["base_judge_reward"] = runs[next(iter(runs))]["base_judge_reward"]
+    betas = {f"beta={beta:g}": main_job(out / f"beta{beta:g}", seeds, progress=progress, overrides={"beta": beta})
+             for beta in FULL["betas"]}
+    return {"best_lr": best, "by_lr": runs, "by_beta": {**betas, "beta=0.1": runs["lr=0.0005"]}}
