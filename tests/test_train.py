@@ -239,3 +239,40 @@ def test_static_generation_cache_gives_the_same_run_as_the_dynamic_one_for_a_fix
                 assert static[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
             else:
                 assert static[key] == value, key
+
+
+def test_offline_pairs_are_read_in_shuffled_passes(sentiment):
+    """Every dataset row once per pass (offline DPO), a new order each pass."""
+    from sail_min.train import draw_pairs
+    policy, tokenizer = load_base_model()
+    rows = sentiment.preferences()[:10]
+    task = Task(rows, sentiment.train_prompts[:4], sentiment.eval_prompts[:4], sentiment.judge)
+    config = SAILConfig.preset("offline-dpo", pairs_per_step=5)
+    passes = [[t for step in (2 * p, 2 * p + 1) for t in draw_pairs(policy, tokenizer, task, config, step).first.texts]
+              for p in range(2)]
+    assert all(sorted(p) == sorted(r["chosen"] for r in rows) for p in passes)   # each row exactly once
+    assert passes[0] != passes[1]                                                  # reshuffled
+
+
+def test_reuse_steps_trains_on_each_labelled_round_several_times_and_resumes_exactly(sentiment, tmp_path):
+    task = make_task(sentiment)
+    config = SAILConfig.preset("iterative-dpo", **{**SMALL, "steps": 4, "checkpoint_every": 2}, reuse_steps=2,
+                               output_dir=str(tmp_path / "full"))
+    full = train(config, *load_base_model(), task, progress=False)
+    assert [h["judge_queries"] for h in full] == [12, 12, 24, 24]          # 6 pairs x 2 calls, once per round
+    assert full[0]["rewards/margins"] != full[1]["rewards/margins"]         # same pairs, new log-probs
+    resumed = killed_then_resumed(config.replace(output_dir=str(tmp_path / "resumed")), load_base_model, task)
+    assert strip_timing(resumed) == strip_timing(full)
+    with pytest.raises(ValueError, match="multiple of reuse_steps"):
+        SAILConfig(reuse_steps=3, checkpoint_every=20)
+
+
+def test_expected_self_labels_and_per_term_gradient_norms_are_logged(sentiment, tmp_path):
+    config = SAILConfig.preset("sail-pp", **{**SMALL, "steps": 2}, route_dpo=0.4, route_dp=0.3, route_pp=0.3,
+                               dp_label_coef=0.2, self_labels="expected", output_dir=str(tmp_path))
+    history = train(config, *load_base_model(), make_task(sentiment), progress=False)
+    last = history[-1]
+    assert last["skipped_steps"] == 0 and torch.isfinite(torch.tensor(last["loss"]))
+    assert {"grad_norm/dpo", "grad_norm/response", "grad_norm/label"} <= set(last)     # at evaluation steps
+    assert last["grad_norm/label"] > 0 and last["grad_norm"] > 0 and isinstance(last["clipped"], bool)
+    assert "grad_norm/dpo" not in history[0]                                            # step 0: no evaluation
