@@ -98,8 +98,9 @@ def _check_source(option: str, name: str) -> None:
         raise UserError(f"{option} {name}: no such folder; give a local model folder or a hub name (owner/name)")
 
 
-def load_policy(name: str, lora_rank: int | None, dtype, say):
-    """AutoModelForCausalLM + AutoTokenizer (pad token = EOS if missing), wrapped in LoRA if asked."""
+def load_policy(name: str, lora_rank: int | None, dtype, seed: int, say):
+    """AutoModelForCausalLM + AutoTokenizer (pad token = EOS if missing), wrapped in LoRA if asked.
+    LoRA's random initialisation is seeded: every process (and a re-run) starts from the same adapters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -119,6 +120,7 @@ def load_policy(name: str, lora_rank: int | None, dtype, say):
         import peft
         lora = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                target_modules="all-linear", task_type="CAUSAL_LM")
+        torch.manual_seed(seed)
         model = peft.get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -264,8 +266,11 @@ def check_resume(config, say) -> None:
 
 def run_train(args) -> int:
     """The `train` command: build config, accelerator, policy, task; train; print the last evaluation."""
+    import warnings
+
     from .checkpoint import CheckpointError
 
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # in peft
     try:
         return _run_train(args)
     except CheckpointError as error:                  # names the file and says what to do
@@ -297,7 +302,7 @@ def _run_train(args) -> int:
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
         judge = load_judge(args.judge, accelerator.device, dtype, say)
         _try_judge(args.judge, judge, pairs[0])
-        policy, tokenizer = load_policy(args.model, args.lora_rank, dtype, say)
+        policy, tokenizer = load_policy(args.model, args.lora_rank, dtype, config.seed, say)
         task = Task(preferences=pairs, train_prompts=[row["prompt"] for row in pairs], eval_prompts=eval_prompts,
                     judge=judge)
     else:

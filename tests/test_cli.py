@@ -144,15 +144,8 @@ def test_vader_judge(in_process, tmp_path, capsys):
     assert -1 <= metrics(tmp_path)[-1]["eval/judge_reward"] <= 1
 
 
-def test_a_user_error_is_one_line_without_a_traceback(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "", "rejected": "c"}\n')
-    proc = run("train", *TINY[:2], "--data", str(bad), *TINY[4:], "--out", str(tmp_path / "out"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: --data {bad} row 1 (line 2), field 'chosen': empty text"
-
-
 def test_resume_with_fewer_steps_than_done_is_refused_before_writing(tiny_run):
+    """Also the process-level contract of a user error: exit 2, one line on stderr, no traceback."""
     out, _ = tiny_run
     config_before = (out / "config.json").read_text()
     proc = run("train", *TINY, "--config", str(out / "config.json"), "--resume", "--steps", "1")
@@ -177,6 +170,9 @@ BAD_INPUTS = {   # name: (arguments replacing or added to TINY + SMALL, what the
     "--config with an unknown field": (["--config", "{tmp}/field.json"],
                                        "--config {tmp}/field.json: unknown SAILConfig field(s) ['nope']"),
     "missing --data file": (["--data", "data/tiny/none.jsonl"], "--data data/tiny/none.jsonl: file not found"),
+    "a bad --data row": (["--data", "{tmp}/bad.jsonl"], "--data {tmp}/bad.jsonl row 1 (line 2), field 'chosen': empty text"),
+    "a bad --eval-data row": (["--eval-data", "{tmp}/prompts.jsonl"], "--eval-data {tmp}/prompts.jsonl row 1 "
+                              "(line 2), field 'prompt': empty text"),
     "too few rows to hold out": (["--set", "eval_prompts=20"], "--data data/tiny/preferences.jsonl: 20 rows"),
     "--eval-data = --data": (["--eval-data", "data/tiny/preferences.jsonl"],
                              "--eval-data data/tiny/preferences.jsonl: every prompt also appears in --data"),
@@ -205,13 +201,17 @@ def test_bad_input_exits_2_with_one_line_naming_it(name, in_process, tmp_path, c
     changes, expected = BAD_INPUTS[name]
     _write(tmp_path / "junk.json", "{not json")
     _write(tmp_path / "field.json", '{"nope": 1}')
+    _write(tmp_path / "bad.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                                   '{"prompt": "a", "chosen": "", "rejected": "c"}\n')
+    _write(tmp_path / "prompts.jsonl", '{"prompt": "a"}\n{"prompt": " "}\n')
     argv = TINY + SMALL + ["--out", str(tmp_path / "out"), "--steps", "1"]
     for option, value in zip(changes[::2], changes[1::2]):
         if option in argv and option != "--set":
             at = argv.index(option)
             argv[at:at + 2] = [] if value is None else [option, value]
         else:
-            argv += [option, value.format(tmp=tmp_path)]
+            argv += [option, value]
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
     code = main(["train", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -248,3 +248,32 @@ def test_report_to_without_the_package_names_it(in_process, tmp_path, capsys):
     assert main(["train", *TINY, "--out", str(tmp_path), "--report-to", missing[0]]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --report-to {missing[0]}: the package '{missing[0]}' is not "
                                                f"installed; pip install {missing[0]}, or use --report-to none")
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_lora_adapters_start_the_same_in_every_process_and_rerun(in_process):
+    """LoRA's random initialisation is seeded with the run's seed (2 processes must start equal)."""
+    from sail_min.cli import load_policy
+
+    first, second = (load_policy("data/tiny/policy", 4, torch.float32, 0, lambda _: None)[0] for _ in range(2))
+    lora = [name for name, _ in first.named_parameters() if "lora_A" in name]
+    assert lora and all(torch.equal(first.get_parameter(n), second.get_parameter(n)) for n in lora)
+
+
+def test_settings_precedence_config_preset_set_flags(tmp_path):
+    """defaults < --config < --preset (replaces routes and coefficients) < --set < --steps/--seed/--out."""
+    import argparse
+
+    from sail_min.cli import build_config
+    from sail_min.config import SAILConfig
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SAILConfig.preset("sail-dp", lr=1e-3, steps=5, output_dir="old").to_dict()))
+    args = dict(config=str(path), preset=None, set=None, steps=None, seed=None, out=None)
+    same = build_config(argparse.Namespace(**args))
+    assert same == SAILConfig.preset("sail-dp", lr=1e-3, steps=5, output_dir="old")
+    changed = build_config(argparse.Namespace(**{**args, "preset": "sail-pr", "set": ["steps=7", "lr=2e-3"],
+                                                 "steps": 9, "out": "new"}))
+    assert changed == SAILConfig.preset("sail-pr", lr=2e-3, steps=9, output_dir="new")     # route_dp back to 0
+    default = build_config(argparse.Namespace(**{**args, "config": None}))
+    assert default == SAILConfig.preset("sail-pr", output_dir="outputs/train")
