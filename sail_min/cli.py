@@ -313,10 +313,11 @@ def _run_train(args) -> int:
         check_positions(policy, config.max_prompt_tokens, config.max_new_tokens)
     except ValueError as error:
         raise UserError(f"--model {args.model or 'toy'}: {error}") from None
-    if accelerator.log_with:
-        accelerator.init_trackers("sail_min", config={k: v for k, v in dataclasses.asdict(config).items()})
-        say(f"logging to {args.report_to} (project sail_min" +
-            (f", {Path(config.output_dir) / 'sail_min'})" if args.report_to == "tensorboard" else ")"))
+    if accelerator.log_with:                                     # --report-to: train() logs every step
+        accelerator.init_trackers("sail_min", config=dataclasses.asdict(config),
+                                  init_kwargs={"wandb": {"name": Path(config.output_dir).name}})
+        say(f"logging to {args.report_to} (project sail_min"
+            + (f", {Path(config.output_dir) / 'sail_min'})" if args.report_to == "tensorboard" else ")"))
     history = train(config, policy, tokenizer, task, resume=args.resume, accelerator=accelerator)
     accelerator.end_training()
     if accelerator.is_main_process:

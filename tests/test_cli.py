@@ -277,3 +277,39 @@ def test_settings_precedence_config_preset_set_flags(tmp_path):
     assert changed == SAILConfig.preset("sail-pr", lr=2e-3, steps=9, output_dir="new")     # route_dp back to 0
     default = build_config(argparse.Namespace(**{**args, "config": None}))
     assert default == SAILConfig.preset("sail-pr", output_dir="outputs/train")
+
+
+def test_trackers_get_the_config_every_step_and_the_end(in_process, tmp_path, monkeypatch, capsys):
+    """--report-to plumbing with a recording tracker in place of tensorboard / wandb."""
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    import sail_min.cli
+
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory, main_process_only = "recorder", False, True
+        calls = []
+
+        def __init__(self):
+            super().__init__()
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.calls.append(("config", values))
+
+        def log(self, values, step=None, **kwargs):
+            self.calls.append(("log", step, values))
+
+        def finish(self):
+            self.calls.append(("finish",))
+
+    monkeypatch.setattr(sail_min.cli, "make_accelerator", lambda *_: Accelerator(cpu=True, log_with=[Recorder()]))
+    assert main(["train", *TINY, *SMALL, "--steps", "2", "--out", str(tmp_path)]) == 0
+    calls = Recorder.calls
+    assert calls[0] == ("config", json.loads((tmp_path / "config.json").read_text()))
+    assert [c[1] for c in calls[1:-1]] == [0, 1] and calls[-1] == ("finish",)
+    assert all(isinstance(v, (int, float)) for c in calls[1:-1] for v in c[2].values())
+    assert "loss" in calls[1][2] and "eval/judge_reward" in calls[2][2]
