@@ -3,15 +3,15 @@
   (no command)  the main job = `compare`: offline DPO, online DPO, SAIL-PR, SAIL-PP, SAIL-DP on the
                 sentiment toy task (tiny local model, VADER judge), several seeds; table,
                 results.json, per-step metrics and PNG plots in --out (`--quick` for CI)
-  train         one run of a preset on the toy task (`accelerate launch -m sail_min train ...` for
-                several processes); `--resume` continues from the run's last checkpoint
+  train         one run: your model, data and judge (--model, --data, --judge), or without --model
+                the toy task; `accelerate launch -m sail_min train ...` for several processes;
+                `--resume` continues from the run's last checkpoint (`train --help` for the options)
   bandit        the exactly solvable bandit comparison (notebook 02)
   check         verify the derivation numerically; exits 1 if the max relative error > 1e-8
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
@@ -30,54 +30,9 @@ def _compare(args) -> int:
     return 0
 
 
-def parse_set(items, fields: dict) -> dict:
-    """--set FIELD=VALUE items as SAILConfig fields of the right type (a clear message otherwise)."""
-    overrides = {}
-    for item in items or []:
-        key, _, value = item.partition("=")
-        if key not in fields or not value:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field "
-                             f"({', '.join(sorted(fields))})")
-        kind = type(fields[key])
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--set {item!r}: {key} takes true or false")
-            overrides[key] = value.lower() in ("true", "1")
-        else:
-            try:
-                overrides[key] = value if kind is str else kind(value)
-            except ValueError:
-                raise SystemExit(f"--set {item!r}: {key} takes a {kind.__name__}") from None
-    return overrides
-
-
 def _train(args) -> int:
-    import torch
-
-    from .config import SAILConfig
-    from .tasks.sentiment import load_base_model, sentiment_task
-    from .train import train
-
-    torch.set_num_threads(args.threads)
-    try:
-        base = SAILConfig.from_json(args.config).to_dict() if args.config else {}
-        overrides = {**base, **parse_set(args.set, SAILConfig().to_dict()),
-                     **{k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("output_dir", args.out))
-                        if v is not None}}
-        config = SAILConfig.preset(args.preset, **overrides) if not args.config else SAILConfig.from_dict(overrides)
-    except ValueError as error:                       # a bad value: the message names the field
-        raise SystemExit(f"invalid configuration: {error}") from None
-    from accelerate import Accelerator
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    policy, tokenizer = load_base_model()
-    history = train(config, policy, tokenizer, sentiment_task(), resume=args.resume, accelerator=accelerator)
-    if accelerator.is_main_process:
-        print(f"trained on {accelerator.num_processes} process(es), {config.pairs_per_step} pairs per step each")
-    if history:
-        last = [h for h in history if "eval/judge_reward" in h][-1]
-        print(f"step {last['step'] + 1}: judge reward {last['eval/judge_reward']:.3f}, "
-              f"win rate {last['eval/win_rate']:.3f}, KL {last['eval/kl']:.2f}")
-    return 0
+    from .cli import run_train
+    return run_train(args)
 
 
 def _bandit(args) -> int:
@@ -95,6 +50,63 @@ def _bandit(args) -> int:
     return 0
 
 
+TRAIN_HELP = """One training run with sail_min.train.train, as in the notebooks: writes config.json,
+metrics.jsonl (one line per step) and checkpoint.pt to --out.
+
+  your own:  python -m sail_min train --model Qwen/Qwen2.5-0.5B-Instruct --lora-rank 16 \\
+                 --data trl-lib/ultrafeedback_binarized --judge Skywork/Skywork-Reward-V2-Qwen3-0.6B \\
+                 --preset sail-pr --set lr=5e-5 --set max_new_tokens=128 --set mixed_precision=bf16
+  toy task:  python -m sail_min train --preset sail-pr   (no --model: tiny policy, toy data, VADER judge)
+
+The run's settings (a SAILConfig), later sources winning:
+  SAILConfig defaults < --config FILE.json < --preset < --set FIELD=VALUE (in order) < --steps, --seed, --out
+--preset over --config replaces the config's routes and coefficients; without --config the preset is sail-pr.
+Mistakes in arguments or files end with one line `error: ...` on stderr and exit status 2."""
+
+
+def _add_train_parser(commands) -> None:
+    one = commands.add_parser("train", help="one run: your model, data and judge, or the toy task",
+                              description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = one.add_argument_group("what to train")
+    what.add_argument("--model", metavar="NAME_OR_PATH",
+                      help="policy: a causal LM folder or hub name (also pi_ref); without it, the toy task")
+    what.add_argument("--lora-rank", type=int, metavar="R",
+                      help="train LoRA adapters of rank R (alpha 2R, all linear layers) instead of all weights")
+    what.add_argument("--preset", choices=["offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp"],
+                      help="the method: its routes and coefficients (default sail-pr, or --config's)")
+    what.add_argument("--config", metavar="FILE.json",
+                      help="start from a run's config.json (or any JSON object of SAILConfig fields)")
+    what.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                      help="set a SAILConfig field, e.g. lr=5e-5, max_new_tokens=128 (repeatable)")
+    data = one.add_argument_group("data")
+    data.add_argument("--data", metavar="FILE_OR_HUB_NAME",
+                      help="preference pairs (prompt, chosen, rejected): .json/.jsonl/.parquet or a hub "
+                           "dataset; their prompts are also the online prompts")
+    data.add_argument("--split", default="train", metavar="NAME", help="split of a hub --data (default: train)")
+    data.add_argument("--eval-data", metavar="FILE_OR_HUB_NAME",
+                      help="held-out prompts for evaluation (default: the last eval_prompts rows of --data, "
+                           "removed from training)")
+    data.add_argument("--eval-split", default="train", metavar="NAME", help="split of a hub --eval-data (default: train)")
+    judge = one.add_argument_group("judge")
+    judge.add_argument("--judge", metavar="NAME_OR_PATH|vader|module:function",
+                       help="who scores responses: a reward-model folder or hub name (read with its own "
+                            "tokenizer), vader (the toy sentiment judge), or a callable "
+                            "(prompts, responses) -> scores imported from module:function")
+    run = one.add_argument_group("run")
+    run.add_argument("--steps", type=int, default=None, metavar="N", help="optimiser steps (default: the config's, 42)")
+    run.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every random choice (default: the config's, 0)")
+    run.add_argument("--out", default=None, metavar="DIR",
+                     help="output folder: config.json, metrics.jsonl, checkpoint.pt (default: --config's "
+                          "output_dir, else outputs/train)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint in --out (same settings; --steps may grow)")
+    run.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads per process (default 1)")
+    logging = one.add_argument_group("logging")
+    logging.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+                         help="also log every step's numbers through accelerate's trackers (tensorboard "
+                              "writes under --out/sail_min; needs the package installed)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sail_min", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,15 +118,7 @@ def main(argv=None) -> int:
     compare.add_argument("--seeds", type=int, default=None, help="runs per method (default 5, quick 2)")
     compare.add_argument("--resume", action="store_true", help="continue the runs found in --out")
 
-    one = commands.add_parser("train", help="one run of a preset on the toy task")
-    one.add_argument("--preset", default="sail-pr", help="offline-dpo, online-dpo, sail-pr, sail-pp, sail-dp")
-    one.add_argument("--config", help="a run's config.json (or any JSON object of SAILConfig fields)")
-    one.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the config's, 42)")
-    one.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    one.add_argument("--out", default="outputs/train", help="output folder (metrics, checkpoint)")
-    one.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    one.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    one.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a SAILConfig field")
+    _add_train_parser(commands)
 
     bandit = commands.add_parser("bandit", help="the bandit comparison (notebook 02)")
     bandit.add_argument("--out", default="outputs/bandit", help="output folder (default: outputs/bandit)")
@@ -127,14 +131,19 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]                             # bare `python -m sail_min [--quick ...]`
     args = parser.parse_args(argv)
-    for name in ("seeds", "steps", "threads"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
-    if args.command == "check":
-        from .check import main as check_main
-        return check_main()
-    return {"compare": _compare, "train": _train, "bandit": _bandit}[args.command](args)
+    from .cli import UserError
+    try:
+        for name in ("seeds", "steps", "threads", "lora_rank"):
+            value = getattr(args, name, None)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if args.command == "check":
+            from .check import main as check_main
+            return check_main()
+        return {"compare": _compare, "train": _train, "bandit": _bandit}[args.command](args)
+    except UserError as error:            # the user's mistake: one line; anything else keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

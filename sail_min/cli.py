@@ -1,0 +1,329 @@
+"""`python -m sail_min train`: build a run from the command line and call ``sail_min.train.train``.
+
+The same loop as the notebooks, with the pieces named on the command line:
+
+    config   SAILConfig defaults < --config FILE.json < --preset < --set FIELD=VALUE < --steps/--seed/--out
+    policy   --model: a causal LM folder or hub name (pad token = EOS when it has none), LoRA with --lora-rank;
+             without --model, the toy task's tiny base policy
+    data     --data: preference pairs (``sail_min.data``); online prompts are their prompts; held-out
+             prompts from --eval-data, else the last ``eval_prompts`` rows of --data
+    judge    --judge: ``vader``, ``module:function`` (any callable (prompts, responses) -> scores), or a
+             reward-model folder / hub name read with its own tokenizer (``RewardModelScorer``)
+    logging  --report-to tensorboard|wandb: accelerate's trackers (``train`` logs every step's numbers)
+
+Mistakes in what the user passed raise ``UserError`` (one line naming the argument or file);
+``__main__`` prints it as ``error: ...`` and exits 2. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+VARIANT_FIELDS = ("route_dpo", "route_dp", "route_pp", "route_pr", "dp_label_coef", "pp_coef", "pr_response_coef")
+"""The SAILConfig fields a preset decides: --preset over --config replaces all of them."""
+
+
+class UserError(Exception):
+    """A mistake in the command line or in a file it names: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------
+# the config
+# --------------------------------------------------------------------------------------
+def parse_set(items, fields: dict) -> dict:
+    """--set FIELD=VALUE items as SAILConfig fields of the right type (a clear message otherwise)."""
+    overrides = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise UserError(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field "
+                            f"({', '.join(sorted(fields))})")
+        kind = type(fields[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise UserError(f"--set {item!r}: {key} takes true or false")
+            overrides[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                overrides[key] = value if kind is str else kind(value)
+            except ValueError:
+                raise UserError(f"--set {item!r}: {key} takes a {kind.__name__}") from None
+    return overrides
+
+
+def build_config(args):
+    """SAILConfig defaults < --config < --preset < --set < --steps, --seed, --out."""
+    from .config import PRESETS, SAILConfig
+
+    defaults = SAILConfig().to_dict()
+    values = {}
+    if args.config:
+        try:
+            values = SAILConfig.from_json(args.config).to_dict()
+        except ValueError as error:                   # names the file and what is wrong with it
+            raise UserError(f"--config {error}") from None
+    preset = args.preset or (None if args.config else "sail-pr")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"--preset {preset!r}: unknown; choose from {', '.join(PRESETS)}")
+        values.update({name: defaults[name] for name in VARIANT_FIELDS}, **PRESETS[preset])
+    values.update(parse_set(args.set, defaults))
+    values.update({k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None})
+    values["output_dir"] = args.out or (values.get("output_dir") if args.config else None) or "outputs/train"
+    try:
+        return SAILConfig.from_dict(values)
+    except ValueError as error:                       # a bad value: the message names the field
+        raise UserError(f"invalid configuration: {error}") from None
+
+
+# --------------------------------------------------------------------------------------
+# model, data, judge
+# --------------------------------------------------------------------------------------
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _check_source(option: str, name: str) -> None:
+    """A name that can only be a local path must exist (else transformers tries it as a hub id)."""
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {name}: is a file; expected a model folder (with config.json) or a hub name")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not path.exists():
+        raise UserError(f"{option} {name}: no such folder; give a local model folder or a hub name (owner/name)")
+
+
+def load_policy(name: str, lora_rank: int | None, dtype, seed: int, say):
+    """AutoModelForCausalLM + AutoTokenizer (pad token = EOS if missing), wrapped in LoRA if asked.
+    LoRA's random initialisation is seeded: every process (and a re-run) starts from the same adapters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    _check_source("--model", name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as error:            # not found, offline, not a causal LM
+        raise UserError(f"--model {name}: cannot load a causal language model ({_one_line(error)})") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"--model {name}: the tokenizer has neither a pad nor an EOS token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+        say(f"note: --model {name}: the tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r}")
+    if lora_rank:
+        import peft
+        lora = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                               target_modules="all-linear", task_type="CAUSAL_LM")
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"policy: {name}, {total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trainable"
+        + (f" (LoRA rank {lora_rank})" if lora_rank else ""))
+    return model, tokenizer
+
+
+def load_judge(spec: str, device, dtype, say):
+    """``vader``, ``module:function`` or a reward model (folder or hub name) -> judge(prompts, responses)."""
+    if spec == "vader":
+        from .tasks.sentiment import VaderJudge
+        say("judge: VADER compound sentiment of each response (the toy task's judge)")
+        return VaderJudge()
+    if ":" in spec and not Path(spec).exists():
+        module_name, _, attribute = spec.partition(":")
+        if not module_name or not attribute:
+            raise UserError(f"--judge {spec}: expected module:function, e.g. my_judges:length_judge")
+        try:
+            judge = importlib.import_module(module_name)
+        except ImportError as error:
+            raise UserError(f"--judge {spec}: cannot import module {module_name!r} ({error}); is its folder "
+                            f"on PYTHONPATH?") from None
+        for part in attribute.split("."):
+            if not hasattr(judge, part):
+                raise UserError(f"--judge {spec}: module {module_name!r} ({getattr(judge, '__file__', '?')}) "
+                                f"has no attribute {attribute!r}")
+            judge = getattr(judge, part)
+        if not callable(judge):
+            raise UserError(f"--judge {spec}: {module_name}.{attribute} is a {type(judge).__name__}, not a "
+                            f"callable judge(prompts, responses) -> scores")
+        say(f"judge: {module_name}.{attribute}")
+        return judge
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .labels import RewardModelScorer
+    hf_logging.disable_progress_bar()
+    _check_source("--judge", spec)
+    try:
+        labels = AutoConfig.from_pretrained(spec).num_labels
+        if labels != 1:
+            raise UserError(f"--judge {spec}: a reward model outputs one score (num_labels=1), this one has "
+                            f"num_labels={labels}; is it a sequence-classification reward model?")
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--judge {spec}: cannot load a reward model ({_one_line(error)}); give a reward-model "
+                        f"folder or hub name, 'vader', or module:function") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"--judge {spec}: the tokenizer has neither a pad nor an EOS token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+        say(f"note: --judge {spec}: the tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r}")
+    say(f"judge: reward model {spec} (its own tokenizer)")
+    return RewardModelScorer(model.to(device), tokenizer)
+
+
+def _key(prompt) -> str:
+    return json.dumps(prompt, sort_keys=True)          # text or a message list, comparable
+
+
+def load_data(args, config, say) -> tuple[list[dict], list]:
+    """(training pairs, held-out prompts): --data, and --eval-data or the last eval_prompts rows of --data."""
+    from .data import DataError, load_preference_data, load_prompt_data
+
+    def read(option, load, source, split):
+        try:
+            return list(load(source, split=split))
+        except DataError as error:                    # names the file, row and field
+            raise UserError(f"{option} {_one_line(error)}") from None
+
+    pairs = [dict(row) for row in read("--data", load_preference_data, args.data, args.split)]
+    if args.eval_data:
+        given = [row["prompt"] for row in read("--eval-data", load_prompt_data, args.eval_data, args.eval_split)]
+        train_keys = {_key(row["prompt"]) for row in pairs}
+        eval_prompts = [p for p in given if _key(p) not in train_keys]
+        if not eval_prompts:
+            raise UserError(f"--eval-data {args.eval_data}: every prompt also appears in --data; evaluation "
+                            f"needs held-out prompts")
+        dropped = len(given) - len(eval_prompts)
+        say(f"held out: {len(eval_prompts)} prompts of --eval-data {args.eval_data}"
+            + (f" ({dropped} that also appear in --data left out)" if dropped else "")
+            + f"; evaluation uses the first {min(len(eval_prompts), config.eval_prompts)}")
+        return pairs, eval_prompts
+    n = config.eval_prompts
+    if len(pairs) <= n:
+        raise UserError(f"--data {args.data}: {len(pairs)} rows, and holding out eval_prompts={n} of them "
+                        f"leaves none to train on; pass --eval-data, or --set eval_prompts=N with N < {len(pairs)}")
+    held = pairs[-n:]
+    held_keys = {_key(row["prompt"]) for row in held}
+    kept = [row for row in pairs[:-n] if _key(row["prompt"]) not in held_keys]
+    if not kept:
+        raise UserError(f"--data {args.data}: every pair shares a prompt with the last {n} rows held out "
+                        f"for evaluation; pass --eval-data")
+    same = len(pairs) - n - len(kept)
+    say(f"held out: the last {n} of {len(pairs)} rows of --data {args.data} are the evaluation prompts "
+        f"(no --eval-data); {len(kept)} pairs train" + (f" ({same} more left out: same prompt)" if same else ""))
+    return kept, [row["prompt"] for row in held]
+
+
+def _try_judge(spec: str, judge, pair: dict) -> None:
+    """Score the first pair before training: a judge that breaks its contract fails now, by name."""
+    from .labels import check_judge_scores
+
+    text = [r if isinstance(r, str) else r[-1]["content"] for r in (pair["chosen"], pair["rejected"])]
+    try:
+        check_judge_scores(judge([pair["prompt"]] * 2, text), 2, judge)
+    except ValueError as error:
+        raise UserError(f"--judge {spec}: on the first pair of --data: {_one_line(error)}") from None
+
+
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
+def make_accelerator(report_to: str, output_dir: str):
+    """An Accelerator; with trackers (logging to output_dir) for --report-to tensorboard / wandb."""
+    from accelerate import Accelerator
+
+    cpu = not torch.cuda.is_available()
+    if report_to in (None, "none"):
+        return Accelerator(cpu=cpu)
+    if importlib.util.find_spec(report_to) is None:
+        raise UserError(f"--report-to {report_to}: the package {report_to!r} is not installed; "
+                        f"pip install {report_to}, or use --report-to none")
+    return Accelerator(cpu=cpu, log_with=report_to, project_dir=output_dir)
+
+
+def check_resume(config, say) -> None:
+    """--resume: the checkpoint must not be past --steps (checked before anything is written)."""
+    from .checkpoint import load_checkpoint
+
+    path = Path(config.output_dir) / "checkpoint.pt"
+    if not path.exists():
+        say(f"--resume: no checkpoint {path} yet; starting at step 0")
+        return
+    done = load_checkpoint(path, map_location="cpu")["next_step"]
+    if done > config.steps:
+        raise UserError(f"--steps {config.steps}: {path} has already done {done} steps; resume with "
+                        f"--steps {done} or more, or start a new run in another --out")
+    say(f"--resume: continuing {path} at step {done} of {config.steps}")
+
+
+def run_train(args) -> int:
+    """The `train` command: build config, accelerator, policy, task; train; print the last evaluation."""
+    import warnings
+
+    from .checkpoint import CheckpointError
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # in peft
+    try:
+        return _run_train(args)
+    except CheckpointError as error:                  # names the file and says what to do
+        raise UserError(f"--resume: {_one_line(error)}" if args.resume else _one_line(error)) from None
+
+
+def _run_train(args) -> int:
+    from .sampling import check_positions
+    from .train import train
+
+    real = args.model is not None
+    if real and not (args.data and args.judge):
+        raise UserError("--model needs --data (preference pairs) and --judge (who scores responses)")
+    if not real:
+        given = [f"--{name.replace('_', '-')}" for name in ("data", "eval_data", "judge", "lora_rank")
+                 if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} need(s) --model; without --model the toy task runs with "
+                            f"its own model, data and judge")
+    torch.set_num_threads(args.threads)
+    config = build_config(args)
+    accelerator = make_accelerator(args.report_to, config.output_dir)
+    say = accelerator.print                                      # the main process prints
+    if args.resume:
+        check_resume(config, say)
+    if real:                                                     # cheap and most likely wrong first
+        from .train import Task
+        pairs, eval_prompts = load_data(args, config, say)
+        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        judge = load_judge(args.judge, accelerator.device, dtype, say)
+        _try_judge(args.judge, judge, pairs[0])
+        policy, tokenizer = load_policy(args.model, args.lora_rank, dtype, config.seed, say)
+        task = Task(preferences=pairs, train_prompts=[row["prompt"] for row in pairs], eval_prompts=eval_prompts,
+                    judge=judge)
+    else:
+        from .tasks.sentiment import load_base_model, sentiment_task
+        policy, tokenizer = load_base_model()
+        task = sentiment_task()
+    try:
+        check_positions(policy, config.max_prompt_tokens, config.max_new_tokens)
+    except ValueError as error:
+        raise UserError(f"--model {args.model or 'toy'}: {error}") from None
+    if accelerator.log_with:                                     # --report-to: train() logs every step
+        accelerator.init_trackers("sail_min", config=dataclasses.asdict(config),
+                                  init_kwargs={"wandb": {"name": Path(config.output_dir).name}})
+        say(f"logging to {args.report_to} (project sail_min"
+            + (f", {Path(config.output_dir) / 'sail_min'})" if args.report_to == "tensorboard" else ")"))
+    history = train(config, policy, tokenizer, task, resume=args.resume, accelerator=accelerator)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"trained on {accelerator.num_processes} process(es), {config.pairs_per_step} pairs per step each")
+    if history:
+        last = [h for h in history if "eval/judge_reward" in h][-1]
+        print(f"step {last['step'] + 1}: judge reward {last['eval/judge_reward']:.3f}, "
+              f"win rate {last['eval/win_rate']:.3f}, KL {last['eval/kl']:.2f}")
+    return 0
