@@ -15,18 +15,44 @@ import argparse
 import sys
 import time
 
+from .config import PRESETS
+
 
 def _compare(args) -> int:
     from .compare import format_table, write_results
     from .tasks.sentiment import REWARD_LABEL, main_job
 
     start = time.perf_counter()
+    if args.full:
+        return _compare_full(args, start)
     results = main_job(args.out, seeds=args.seeds or (2 if args.quick else 5), quick=args.quick,
                        resume=args.resume, progress=not args.quick)
     print(format_table(results, labels_column="judge_queries", labels_title="judge queries"))
     paths = write_results(results, args.out, REWARD_LABEL)
     print(f"wrote {', '.join(map(str, paths))} and per-run metrics.jsonl under {args.out} "
           f"in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _compare_full(args, start: float) -> int:
+    """--full: every method at 3 learning rates (each reported at its best) and at 3 betas (the frontier)."""
+    import json
+    from pathlib import Path
+
+    from .compare import format_table, plot_frontier, write_results
+    from .tasks.sentiment import REWARD_LABEL, full_job
+
+    results = full_job(args.out, seeds=args.seeds or 5, progress=False)
+    print("each method at its best learning rate:")
+    print(format_table(results["best_lr"], labels_column="judge_queries", labels_title="judge queries"))
+    for name, by_beta in results["by_beta"].items():
+        print(f"\n{name}:")
+        print(format_table(by_beta, labels_column="judge_queries", labels_title="judge queries"))
+    paths = write_results(results["best_lr"], args.out, REWARD_LABEL)
+    full_path = Path(args.out) / "results_full.json"
+    full_path.write_text(json.dumps(results, indent=1))
+    frontier = plot_frontier(results["by_beta"], REWARD_LABEL, Path(args.out) / "frontier.png")
+    print(f"wrote {', '.join(map(str, [*paths, full_path, frontier]))} in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -72,7 +98,7 @@ def _add_train_parser(commands) -> None:
                       help="policy: a causal LM folder or hub name (also pi_ref); without it, the toy task")
     what.add_argument("--lora-rank", type=int, metavar="R",
                       help="train LoRA adapters of rank R (alpha 2R, all linear layers) instead of all weights")
-    what.add_argument("--preset", choices=["offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp"],
+    what.add_argument("--preset", choices=sorted(PRESETS),
                       help="the method: its routes and coefficients (default sail-pr, or --config's)")
     what.add_argument("--config", metavar="FILE.json",
                       help="start from a run's config.json (or any JSON object of SAILConfig fields)")
@@ -117,6 +143,8 @@ def main(argv=None) -> int:
     compare.add_argument("--quick", action="store_true", help="a CI-sized run: fewer steps, seeds, prompts")
     compare.add_argument("--seeds", type=int, default=None, help="runs per method (default 5, quick 2)")
     compare.add_argument("--resume", action="store_true", help="continue the runs found in --out")
+    compare.add_argument("--full", action="store_true",
+                         help="the full sweep: 3 learning rates (each method at its best) and 3 betas (frontier)")
 
     _add_train_parser(commands)
 

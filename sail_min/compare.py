@@ -88,9 +88,9 @@ def reward_at_kl(run: dict, kl: float) -> float | None:
 
 
 def matched_kl(results: dict) -> float:
-    """Where the frontier is compared: the median over methods of their mean final KL to the base (a method
-    whose runs stop short of it gets no reward there, which says so)."""
-    return statistics.median(statistics.fmean(r["kl"] for r in m["runs"]) for m in results["methods"].values())
+    """Where the frontier is compared: the smallest of the methods' mean final KL to the base, a KL every
+    method reaches on average (a run that stops short of it gets no reward there, and is counted out)."""
+    return min(statistics.fmean(r["kl"] for r in m["runs"]) for m in results["methods"].values())
 
 
 def format_table(results: dict, labels_column: str = "judge_labels", labels_title: str = "judge labels") -> str:
@@ -151,6 +151,30 @@ def plot_comparison(results: dict, reward_label: str = "judge reward", path=None
     if path:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_frontier(by_beta: dict, reward_label: str = "judge reward", path=None) -> Path | None:
+    """Judge reward vs KL to the base at the end of training, one point per beta (mean over seeds),
+    connected per method: the reward-KL frontier each method traces as beta varies."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    betas = sorted(by_beta, key=lambda name: float(name.split("=")[1]))
+    methods = list(by_beta[betas[0]]["methods"])
+    for i, method in enumerate(methods):
+        points = [(statistics.fmean(r["kl"] for r in by_beta[b]["methods"][method]["runs"]),
+                   statistics.fmean(r["judge_reward"] for r in by_beta[b]["methods"][method]["runs"])) for b in betas]
+        ax.plot(*zip(*points), "o-", color=f"C{i % 10}", label=method)
+    ax.set_xlabel("KL(pi || pi_base) on held-out prompts (nats per response)")
+    ax.set_ylabel(reward_label)
+    ax.set_title(f"reward-KL frontier over {', '.join(betas)} (mean over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+    return None
 
 
 def write_results(results: dict, out: str | Path, reward_label: str = "judge reward") -> list[Path]:

@@ -280,8 +280,9 @@ def task_for_method(task, config):
 
 
 def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool = False, progress: bool = True,
-             overrides: dict | None = None):
-    """Every method of ``METHODS`` on this task: the same steps and pairs per step, equal judge budgets.
+             overrides: dict | None = None, methods: list | None = None):
+    """Every method of ``methods`` (default ``METHODS``) on this task: the same steps and pairs per step,
+    equal judge budgets.
 
     Judge queries in the table count the dataset's construction (2 per dataset pair read) plus the
     loop's judge labels. Returns the results dict of ``sail_min.compare.run_comparison``."""
@@ -289,7 +290,7 @@ def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool 
     import torch
 
     torch.set_num_threads(1)            # a 0.35 M-parameter model: one thread is fastest
-    results = run_comparison(METHODS, seeds, out, sentiment_task(), load_base_model,
+    results = run_comparison(methods or METHODS, seeds, out, sentiment_task(), load_base_model,
                              overrides={**(QUICK if quick else {}), **(overrides or {})}, task_for=task_for_method,
                              resume=resume, progress=progress)
     for method in results["methods"].values():
