@@ -34,6 +34,7 @@ left-padded row gets exactly the positions it would have alone (as in `generate`
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 
@@ -77,10 +78,17 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                                   "(soft-capping or scaling); sequence_logprobs assumes z = lm_head(h)")
 
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)   # p_t over real tokens
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids, use_cache=False).last_hidden_state
-    lm_head = model.get_output_embeddings()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    wrapped = _engine_forward(model)
+    if wrapped is None:                                          # a plain model: the decoder, then the chunks
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+        return _response_logprobs(model.get_output_embeddings(), hidden, input_ids, response_mask, chunk_size)
+    return _through_engine(model, wrapped, inputs, response_mask, chunk_size)
 
+
+def _response_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                       chunk_size: int) -> torch.Tensor:
+    """sum_t log pi(y_t | ...) per row from the final hidden states, lm_head on one chunk at a time."""
     # Token t is predicted from the hidden state at t - 1. Keep response tokens only, packed.
     rows, positions = response_mask[:, 1:].bool().nonzero(as_tuple=True)    # one entry per y_t
     response_hidden = hidden[:, :-1][rows, positions]                        # h_{t-1}: [N, d]
@@ -97,6 +105,65 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
             token_logprobs = _chunk_token_logprobs(*args)
         total = total.index_add(0, rows[chunk], token_logprobs)              # sum_t into each row
     return total
+
+
+# --------------------------------------------------------------------------------------
+# through a distributed engine's wrapper
+# --------------------------------------------------------------------------------------
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_KEEP_NO_LOGITS = torch.zeros(0, dtype=torch.long)      # logits_to_keep: the lm_head sees 0 positions
+
+
+def register_engine(model: torch.nn.Module, wrapped: torch.nn.Module | None) -> None:
+    """Make ``sequence_logprobs(model, ...)`` run its gradient-carrying forward through ``wrapped``
+    (DDP, a DeepSpeed engine: what ``accelerator.prepare`` returned); None unregisters."""
+    if wrapped is None or wrapped is model:
+        _ENGINES.pop(model, None)
+    else:
+        _ENGINES[model] = wrapped
+
+
+def _is_fully_sharded(model) -> bool:
+    """FSDP2 (``fully_shard``) on the model, or on the causal LM inside a PEFT model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    base = model.get_base_model() if _is_peft_model(model) else model
+    return isinstance(model, FSDPModule) or isinstance(base, FSDPModule)
+
+
+def _engine_forward(model):
+    """The module whose forward must run for ``model``'s weights to be there, or None (a plain model).
+    FSDP2 (``fully_shard``, in place): the model itself, always. DDP / DeepSpeed (registered with
+    ``register_engine``): their wrapper, with gradient only (DDP arms its all-reduce in its forward);
+    without gradient (pi_ref, evaluation) the plain module does, nothing being averaged."""
+    if _is_fully_sharded(model):
+        return model
+    return _ENGINES.get(model) if torch.is_grad_enabled() else None
+
+
+def _through_engine(model, wrapped, inputs: dict, response_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The log-probs computed INSIDE the engine's forward of the whole causal LM.
+
+    Calling ``model.get_decoder()`` directly would skip the root's forward hooks (FSDP's all-gather of
+    the units the decoder call alone misses, DDP's gradient hooks); calling ``lm_head`` after the
+    root's forward has returned leaves FSDP2's backward bookkeeping out of step (it crashed on CPU).
+    So the wrapped model runs as usual with ``logits_to_keep`` = no position (its own lm_head sees an
+    empty batch), and a forward hook on its decoder runs the same chunk loop on the decoder's output
+    while the root's forward is still in progress: the same numbers as the plain path."""
+    result = []
+
+    def chunks(module, args, output):
+        result.append(_response_logprobs(model.get_output_embeddings(), output.last_hidden_state,
+                                         inputs["input_ids"], response_mask, chunk_size))
+
+    handle = model.get_decoder().register_forward_hook(chunks)
+    try:
+        wrapped(**inputs, logits_to_keep=_KEEP_NO_LOGITS.to(inputs["input_ids"].device))
+    finally:
+        handle.remove()
+    return result[-1]
 
 
 def _is_peft_model(model) -> bool:

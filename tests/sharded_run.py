@@ -1,0 +1,45 @@
+"""Launched by tests/test_sharded.py with torchrun: one training run on CPU processes (gloo).
+
+    sharded_run.py OUT ENGINE [lora] [--set FIELD=VALUE ...]    ENGINE: fsdp2 | ddp
+
+fsdp2: accelerate 1.15 selects FSDP only for GPU-type launches, so on CPU the test switches the
+accelerator's state to FSDP2 after it is built: ``accelerator.prepare`` then runs accelerate's own
+``fsdp2_prepare_model`` (``fully_shard`` per decoder layer, embeddings + norm + lm_head, root), as
+``accelerate launch --config_file accelerate_fsdp.yaml`` does on GPUs. Process 0 writes
+OUT/final.pt: the trainable weights gathered to full tensors, and the process count.
+"""
+import sys
+
+import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType
+
+from sail_min.cli import parse_set
+from sail_min.config import SAILConfig
+from sail_min.tasks.sentiment import load_base_model, sentiment_task
+from sail_min.train import GatheredState, train
+
+out, engine, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+lora = "lora" in rest
+preset = next((a.split("=", 1)[1] for a in rest if a.startswith("preset=")), "offline-dpo")
+overrides = parse_set([a for a in rest if "=" in a and not a.startswith("preset=")], SAILConfig().to_dict())
+torch.set_num_threads(1)
+accelerator = Accelerator(cpu=True)
+if engine == "fsdp2":
+    accelerator.state.distributed_type = DistributedType.FSDP            # AcceleratorState copies it from
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP    # PartialState when rebuilt
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True)
+policy, tokenizer = load_base_model()
+if lora:
+    import peft
+    torch.manual_seed(0)
+    policy = peft.get_peft_model(policy, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                         lora_dropout=0.0))
+config = SAILConfig.preset(preset, output_dir=out, **overrides)
+train(config, policy, tokenizer, sentiment_task(), accelerator=accelerator, progress=False)
+gathered = dict(GatheredState(policy, torch.optim.SGD([torch.zeros(1)])).named_parameters())   # every process
+if accelerator.is_main_process:
+    torch.save({"processes": accelerator.num_processes, "engine": str(accelerator.distributed_type),
+                "sharded": sorted({type(p).__name__ for p in policy.parameters()}),
+                "weights": {n: p.detach() for n, p in gathered.items() if p.requires_grad}}, f"{out}/final.pt")
