@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -168,6 +169,13 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _changed_fields(config: SAILConfig) -> dict:
+    """The fields that differ from SAILConfig's defaults (the routing and coefficients; the bandit
+    uses nothing else of a config)."""
+    default = SAILConfig().to_dict()
+    return {k: v for k, v in config.to_dict().items() if v != default[k]}
+
+
 def _as_method(value) -> BanditMethod:
     return value if isinstance(value, BanditMethod) else BanditMethod(value)
 
@@ -204,7 +212,7 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
                                     online_pairs_per_prompt=plan["online_pairs"], reuse_steps=plan["reuse_steps"],
                                     label_mode=method.label_mode)
             per_seed = {key: history[key][-1] for key in ("reward", "kl_ref", "kl_opt")}
-            entry = {"config": method.config.to_dict(), "label_mode": method.label_mode, "control": method.control,
+            entry = {"config": _changed_fields(method.config), "label_mode": method.label_mode, "control": method.control,
                      "plan": plan, "labels_spent": history["labels_per_prompt"],
                      "optimizer_steps": history["optimizer_steps"], "rounds": history["rounds"],
                      "skipped_steps": sum(history["skipped_steps"]),
@@ -305,37 +313,67 @@ def plot_bandit_comparison(results: dict, methods=None, path=None):
     return fig
 
 
+BUDGET_PLOT_METHODS = ["offline DPO", "online DPO", "iterative DPO (4 rounds)"]
+CONTROL_PANELS = [("SAIL-PR", ["SAIL-PR"]), ("SAIL-PP", ["SAIL-PP", "SAIL-PP (expected labels)"]),
+                  ("SAIL-DP", ["SAIL-DP", "SAIL-DP (expected labels)"])]
+
+
+def _budget_curve(ax, results, name, key, budgets, shift=1.0, **style):
+    stats = [results["by_budget"][str(b)][name]["final"][key] for b in budgets]
+    ax.errorbar([b * shift for b in budgets], [m for m, _ in stats], yerr=[s for _, s in stats],
+                marker="o", ms=4, capsize=2, label=name, **style)
+
+
+def _budget_axis(ax, budgets):
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("oracle labels per prompt")
+
+
 def plot_budgets(results: dict, methods=None, path=None):
-    """Final KL(pi || pi*) and true reward against the oracle labels per prompt spent: mean over
-    seeds, error bar +- 1 std."""
+    """Final numbers against the oracle labels per prompt spent (2 per judged pair, dataset
+    included), mean over seeds, error bar +- 1 std. Top: KL(pi || pi*) and true reward of
+    ``methods`` (default: offline, online and iterative DPO). Bottom: KL(pi || pi*) of each SAIL
+    variant (solid) beside its control (dashed, same colour)."""
     import matplotlib.pyplot as plt
 
-    methods = methods or list(results["methods"])
+    methods = methods or [m for m in BUDGET_PLOT_METHODS if m in results["methods"]]
     budgets = [int(b) for b in results["by_budget"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, (key, label) in zip(axes, PANELS[:2]):
+    fig = plt.figure(figsize=(15, 8.5))
+    grid = fig.add_gridspec(2, 6)
+    top = [fig.add_subplot(grid[0, :3]), fig.add_subplot(grid[0, 3:])]
+    for ax, (key, label) in zip(top, PANELS[:2]):
         for i, name in enumerate(methods):
-            stats = [results["by_budget"][str(b)][name]["final"][key] for b in budgets]
-            shift = 1.0 + 0.04 * (i - (len(methods) - 1) / 2)          # spread the error bars apart
-            ax.errorbar([b * shift for b in budgets], [m for m, _ in stats], yerr=[s for _, s in stats],
-                        marker="o", ms=4, capsize=2, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("oracle labels per prompt (2 per judged pair, dataset included)")
+            _budget_curve(ax, results, name, key, budgets, shift=1.0 + 0.05 * (i - (len(methods) - 1) / 2))
+        _budget_axis(ax, budgets)
         ax.set_ylabel(label)
-    axes[0].set_yscale("log")
-    axes[1].axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
-    axes[1].axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"bandit at equal label budgets: {results['setup']['steps']} optimiser steps for every method, "
-                 f"mean +- std over {results['setup']['n_seeds']} seeds", y=1.02)
+    top[0].set_yscale("log")
+    top[1].axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
+    top[1].axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
+    top[0].legend(fontsize=8)
+    top[1].legend(fontsize=8)
+    for col, (title, variants) in enumerate(CONTROL_PANELS):
+        variants = [v for v in variants if v in results["methods"]]
+        if not variants:
+            continue
+        ax = fig.add_subplot(grid[1, 2 * col: 2 * col + 2])
+        for i, name in enumerate(variants):
+            colour = f"C{3 + i}"
+            _budget_curve(ax, results, name, "kl_opt", budgets, 1.0 + 0.08 * (i - 0.5), color=colour)
+            _budget_curve(ax, results, results["methods"][name]["control"], "kl_opt", budgets,
+                          1.0 + 0.08 * (i - 0.5) + 0.04, color=colour, ls="--", alpha=0.8)
+        _budget_axis(ax, budgets)
+        ax.set_yscale("log")
+        ax.set_ylabel("KL(pi || pi*) (nats, lower is better)")
+        ax.set_title(f"{title} (solid) vs its control (dashed)", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"bandit at equal label budgets: every method spends the budget in {results['setup']['steps']} "
+                 f"optimiser steps; mean +- std over {results['setup']['n_seeds']} seeds", y=1.0)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
     return fig
-
-
-BUDGET_PLOT_METHODS = ["offline DPO", "online DPO", "iterative DPO (4 rounds)", "SAIL-PR", "SAIL-PR control (gamma=0)",
-                       "SAIL-PP", "SAIL-PP (expected labels)", "SAIL-DP", "SAIL-DP (expected labels)"]
 
 
 def _rounded(value):
@@ -361,13 +399,15 @@ def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:
     # with its curves, and in "by_budget" without them
     by_budget = {b: {name: {k: v for k, v in entry.items() if k != "history"} for name, entry in block.items()}
                  for b, block in results["by_budget"].items()}
-    json_path.write_text(json.dumps(_rounded({**results, "by_budget": by_budget}), indent=1))
+    text = json.dumps(_rounded({**results, "by_budget": by_budget}), indent=1)
+    # a list of numbers on one line (curves and per-seed values): a readable file a third of the size
+    text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    json_path.write_text(text)
     main = [m for m in ("offline DPO", "online DPO", "iterative DPO (4 rounds)", "SAIL-PR", "SAIL-PR control (gamma=0)",
                         "SAIL-PP", "SAIL-DP") if m in results["methods"]]
     plt.close(plot_bandit_comparison(results, main or None, path=png_path))
     if len(results["by_budget"]) > 1:
-        budget_methods = [m for m in BUDGET_PLOT_METHODS if m in results["methods"]]
-        plt.close(plot_budgets(results, budget_methods or None, path=out / "bandit_budgets.png"))
+        plt.close(plot_budgets(results, path=out / "bandit_budgets.png"))
     return json_path, png_path
 
 

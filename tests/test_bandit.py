@@ -160,7 +160,7 @@ def test_route_counts_split_a_batch_exactly():
 @pytest.mark.parametrize("budget", [16, 64, 1024])
 def test_every_method_spends_exactly_the_budget_in_the_same_number_of_steps(budget):
     bandit = make_bandit(n_prompts=3, n_responses=5, beta=0.5, seed=0)
-    steps = 24
+    steps = 12
     for name, method in BANDIT_METHODS.items():
         plan = plan_budget(method, budget, steps, pairs_per_prompt=16)
         assert 2 * (plan["offline_pairs"] + plan["online_pairs"]) == budget, name
