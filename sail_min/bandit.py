@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
-from .objective import sail_loss
+from .objective import (
+    SAILLoss, dpo_logits, dpo_loss, label_term, loo_baseline, public_code_response_term, response_term, sail_loss,
+)
+
+LABEL_MODES = ("sampled", "expected")
+"""How self-labelled pairs get their label: drawn from the policy's sig(z), or averaged out exactly."""
 
 
 @dataclass
@@ -223,22 +228,84 @@ def sample_pairs(theta, bandit: Bandit, config: SAILConfig, pairs_per_prompt: in
     return chosen, rejected, route
 
 
-def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline="loo"):
+def expected_label_loss(policy_first, policy_second, ref_first, ref_second, beta, p_first,
+                        response_coef=0.0, label_coef=0.0, response_mode="exact", baseline="loo",
+                        groups=None, weights=None) -> SAILLoss:
+    r"""``sail_loss`` with each pair's label averaged out exactly instead of drawn.
+
+    A pair (y1, y2) whose label is "y1 wins" with probability p = ``p_first`` (held fixed: no
+    gradient flows through it, as none flows through a drawn label) has the expected loss
+
+        E_label[loss] = p * loss(y1 > y2) + (1 - p) * loss(y2 > y1)
+
+    term by term, built from the pieces of ``sail_min.objective``:
+
+        dpo       p f(z) + (1-p) f(-z)                  f = -log sig(z), z = z(y1 > y2)
+        label     p L(z) + (1-p) L(-z)                  L = -1/2 (log sig z)^2  (``label_term``)
+        response  (E f - b) (l1 + l2)                   b: leave-one-out mean of E f (``loo_baseline``)
+
+    Its gradient is the mean of the sampled-label gradient over infinitely many label draws
+    (``tests/test_bandit.py`` checks this by Monte Carlo). For self-labelled pairs, p = sig(z):
+    the DPO part's *value* is then the binary entropy H(sig z) but its gradient (p fixed) is
+    exactly 0, and the label part's gradient is grad H(sig z); so in expectation a self-labelled
+    pair adds coef x entropy minimisation, and nothing else when its coefficients are 0.
+    Pairs with a known label pass p = 1 (chosen first): then this is ``sail_loss`` exactly.
+    """
+    z = dpo_logits(policy_first, policy_second, ref_first, ref_second, beta, check_finite=False)
+    p = p_first.detach().to(z.dtype)
+    if weights is None:
+        weights = torch.full_like(z, 1.0 / z.numel())
+    dpo = p * dpo_loss(z) + (1 - p) * dpo_loss(-z)
+    label = p * label_term(z) + (1 - p) * label_term(-z)
+    if response_mode == "exact":
+        if isinstance(baseline, torch.Tensor):
+            b = baseline.detach()
+        elif baseline == "loo":
+            b = loo_baseline(dpo.detach(), groups)
+        else:
+            b = torch.zeros_like(z)
+        response = (p * response_term(z, policy_first, policy_second, b)
+                    + (1 - p) * response_term(-z, policy_first, policy_second, b))
+        loss = (weights * (dpo + response_coef * response + label_coef * label)).sum()
+    elif response_mode == "public":
+        response = (p * public_code_response_term(z, policy_first, policy_second)
+                    + (1 - p) * public_code_response_term(-z, policy_first, policy_second))
+        loss = (weights * (dpo + label_coef * label)).sum() + (response_coef * response).sum()
+    else:
+        response = torch.zeros_like(z)
+        loss = (weights * (dpo + label_coef * label)).sum()
+    return SAILLoss(loss=loss, z=z.detach(), dpo=dpo.detach(), response=response.detach(), label=label.detach(),
+                    chosen_rewards=beta * (policy_first - ref_first).detach(),
+                    rejected_rewards=beta * (policy_second - ref_second).detach())
+
+
+def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline="loo",
+               label_mode="sampled"):
     """``sail_loss`` of sampled pairs [S, M, N] for S independent runs: the sum over runs of
-    each run's batch mean, with the leave-one-out baseline (if any) taken per (run, prompt)."""
+    each run's batch mean, with the leave-one-out baseline (if any) taken per (run, prompt).
+
+    ``label_mode="expected"``: pairs of the self-labelled routes (dp, pp) are taken as unlabelled
+    pairs (chosen, rejected) = (y1, y2) and their label is averaged out exactly with the policy's
+    own P(y1 > y2) = sig(z) (``expected_label_loss``); other pairs keep their label."""
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     S, M, N = chosen.shape
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     log_pi = torch.log_softmax(theta, -1)
     log_ref = bandit.log_ref.expand_as(log_pi)
     response_coef, label_coef = config.coefficients(route.flatten(), theta.dtype)
-    return sail_loss(
-        log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten(),
-        log_ref[s_idx, x_idx, chosen].flatten(), log_ref[s_idx, x_idx, rejected].flatten(),
-        bandit.beta, response_coef=response_coef, label_coef=label_coef,
-        response_mode=config.response_mode, baseline=baseline,
-        groups=(s_idx * M + x_idx).expand(S, M, N).flatten(),
-        weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype),
-    )
+    args = (log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten(),
+            log_ref[s_idx, x_idx, chosen].flatten(), log_ref[s_idx, x_idx, rejected].flatten(), bandit.beta)
+    kwargs = dict(response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
+                  baseline=baseline, groups=(s_idx * M + x_idx).expand(S, M, N).flatten(),
+                  weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype))
+    if label_mode == "sampled":
+        return sail_loss(*args, **kwargs)
+    self_labelled = torch.tensor([LABELS_FROM[r] == "policy" for r in ROUTES])[route.flatten()]
+    with torch.no_grad():
+        p_first = torch.where(self_labelled, torch.sigmoid(dpo_logits(*args, check_finite=False)),
+                              torch.ones((), dtype=theta.dtype))
+    return expected_label_loss(*args, p_first, **kwargs)
 
 
 @torch.no_grad()
@@ -250,36 +317,136 @@ def log_policy(history: dict, step: int, theta: torch.Tensor, bandit: Bandit) ->
         history[key].append(value.tolist())
 
 
-def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pairs_per_prompt=16,
-          offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0) -> dict:
-    """Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
+def route_counts(route_probs, n: int) -> list[int]:
+    """Pairs of each route in a batch of n per prompt: n * route_probs, rounded by largest remainder
+    (the counts sum to n; a route with probability > 0 may still get 0 pairs in a tiny batch)."""
+    raw = [p * n for p in route_probs]
+    counts = [int(r) for r in raw]
+    for k in sorted(range(len(raw)), key=lambda k: counts[k] - raw[k])[: n - sum(counts)]:
+        counts[k] += 1
+    return counts
 
-    Runs start at pi_ref and differ in their offline dataset and in every sample. A run whose
-    gradient is not finite skips that step (weights and Adam state untouched); skips are
-    counted per run. Returns lists: the steps, and per run the true reward, KL(pi || pi_ref) and KL(pi || pi*) every ``eval_every`` steps.
+
+def pass_order(n_seeds: int, n_prompts: int, pool: int, count: int, generator) -> torch.Tensor:
+    """Indices into a pool of ``pool`` pairs per (run, prompt), ``count`` of them, [S, M, count]:
+    shuffled passes (a fresh random permutation of the pool per pass), so every pair is used
+    once per pass, and the passes follow each other without a gap."""
+    passes = -(-count // pool)
+    order = torch.rand(n_seeds, n_prompts, passes, pool, generator=generator).argsort(-1)
+    return order.reshape(n_seeds, n_prompts, passes * pool)[..., :count]
+
+
+def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pairs_per_prompt=16,
+                  offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0, *, online_pairs_per_prompt=None,
+                  reuse_steps=1, label_mode="sampled") -> dict:
+    r"""Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
+
+    Each step takes ``pairs_per_prompt`` pairs per prompt, split between the routes in fixed
+    numbers (``route_counts`` of ``config.route_probs``), from three sources:
+
+    * **dataset pairs** (routes dpo, dp): a fixed dataset of ``offline_pairs_per_prompt`` pairs
+      per prompt (two reference samples, oracle Bradley-Terry label), read in shuffled passes;
+    * **oracle-labelled policy pairs** (route pr), in *rounds*: every ``reuse_steps`` steps a
+      round draws fresh pairs from the current policy and has the oracle label them; the
+      round's steps read them in shuffled passes (label reuse, like the public code's
+      ``generation_num_batches`` or iterative DPO). ``online_pairs_per_prompt`` is the total
+      over the run, split as evenly as possible between the ceil(steps / reuse_steps) rounds
+      (default: one step's worth per round, i.e. with ``reuse_steps=1`` fresh pairs each step);
+    * **self-labelled policy pairs** (route pp): two fresh samples each step (labels are free).
+
+    Self-labelled pairs (dp, pp) get a label drawn from the policy's sig(z), or, with
+    ``label_mode="expected"``, the label averaged out exactly (``expected_label_loss``).
+
+    Oracle labels are counted: 2 per labelled pair (the judge scores both responses), the
+    dataset's included when the config routes any pair to it. Runs start at pi_ref and differ
+    in their dataset and every sample. A run whose gradient is not finite skips that step
+    (weights and Adam state untouched); skips are counted per run. Returns lists: the steps,
+    per run the true reward, KL(pi || pi_ref), KL(pi || pi*) every ``eval_every`` steps, the
+    oracle labels per prompt spent by each of those steps, and the totals.
     """
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    if not (isinstance(reuse_steps, int) and reuse_steps >= 1):
+        raise ValueError(f"reuse_steps must be an integer >= 1, got {reuse_steps!r}")
     g = torch.Generator().manual_seed(seed)
     S, M, K = n_seeds, bandit.n_prompts, bandit.n_responses
-    offline_chosen, offline_rejected = sample_offline_dataset(bandit, offline_pairs_per_prompt, S, g)
+    b_dpo, b_dp, b_pp, b_pr = route_counts(config.route_probs, pairs_per_prompt)
+    b_data = b_dpo + b_dp
+    labels = 0                                                           # oracle labels per prompt
+    if b_data:
+        if offline_pairs_per_prompt < 1:
+            raise ValueError("this config routes pairs to the dataset: offline_pairs_per_prompt must be >= 1")
+        data_chosen, data_rejected = sample_offline_dataset(bandit, offline_pairs_per_prompt, S, g)
+        data_order = pass_order(S, M, offline_pairs_per_prompt, steps * b_data, g).view(S, M, steps, b_data)
+        labels += 2 * offline_pairs_per_prompt
+    n_rounds = -(-steps // reuse_steps)
+    if b_pr:
+        online = b_pr * n_rounds if online_pairs_per_prompt is None else online_pairs_per_prompt
+        if online < n_rounds:
+            raise ValueError(f"{online} online pairs per prompt cannot fill {n_rounds} rounds "
+                             f"(steps={steps}, reuse_steps={reuse_steps})")
     runs = [bandit.ref_logits.clone().requires_grad_(True) for _ in range(S)]   # one tensor per run,
     opt = torch.optim.Adam(runs, lr=lr)                                          # so a run can skip alone
-    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "skipped_steps": [0] * S}
+    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "labels": [], "skipped_steps": [0] * S}
+    s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
+    route = torch.cat([torch.full((b,), k) for k, b in enumerate((b_dpo, b_dp, b_pp, b_pr))]).expand(S, M, -1)
+    rounds_done = 0
     for step in range(steps + 1):
         theta = torch.stack(runs)
         if step % eval_every == 0 or step == steps:
             log_policy(history, step, theta, bandit)
+            history["labels"].append(labels)
         if step == steps:
             break
-        chosen, rejected, route = sample_pairs(theta, bandit, config, pairs_per_prompt, g,
-                                               offline_chosen, offline_rejected)
+        with torch.no_grad():
+            parts = []
+            if b_data:
+                pick = data_order[:, :, step]
+                d_chosen, d_rejected = data_chosen.gather(2, pick), data_rejected.gather(2, pick)
+                parts.append((d_chosen[..., :b_dpo], d_rejected[..., :b_dpo]))
+                if b_dp:
+                    c, r = d_chosen[..., b_dpo:], d_rejected[..., b_dpo:]
+                    parts.append((c, r) if label_mode == "expected" else
+                                 _label_with(_self_prefs(theta, bandit), c, r, g))
+            if b_pp:
+                y = _policy_samples(theta, 2 * b_pp, g).view(S, M, 2, b_pp)
+                parts.append((y[:, :, 0], y[:, :, 1]) if label_mode == "expected" else
+                             _label_with(_self_prefs(theta, bandit), y[:, :, 0], y[:, :, 1], g))
+            if b_pr:
+                if step % reuse_steps == 0:                              # a new round: draw and label
+                    n = online // n_rounds + (rounds_done < online % n_rounds)
+                    y = _policy_samples(theta, 2 * n, g).view(S, M, 2, n)
+                    pool_chosen, pool_rejected = _label_with(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], g)
+                    k = min(reuse_steps, steps - step)
+                    pool_order = pass_order(S, M, n, k * b_pr, g).view(S, M, k, b_pr)
+                    labels += 2 * n
+                    rounds_done += 1
+                pick = pool_order[:, :, step % reuse_steps]
+                parts.append((pool_chosen.gather(2, pick), pool_rejected.gather(2, pick)))
+            chosen = torch.cat([c for c, _ in parts], -1)
+            rejected = torch.cat([r for _, r in parts], -1)
         opt.zero_grad()
-        batch_loss(theta, bandit, config, chosen, rejected, route).loss.backward()
+        batch_loss(theta, bandit, config, chosen, rejected, route, label_mode=label_mode).loss.backward()
         for s, run in enumerate(runs):
             if not torch.isfinite(run.grad).all():   # Adam skips a parameter whose grad is None
                 run.grad = None
                 history["skipped_steps"][s] += 1
         opt.step()
+    history.update(labels_per_prompt=labels, optimizer_steps=steps, rounds=rounds_done if b_pr else 0,
+                   reuse_steps=reuse_steps if b_pr else steps)
     return history
+
+
+def _self_prefs(theta, bandit):
+    """The policy's own Bradley-Terry preferences sig(z_ij), [S, M, K, K]."""
+    return torch.sigmoid(torch.stack([pair_logits(t, bandit) for t in theta]))
+
+
+def _policy_samples(theta, n, generator):
+    """n samples of pi_theta per (run, prompt), [S, M, n]."""
+    S, M, K = theta.shape
+    return torch.multinomial(torch.softmax(theta, -1).reshape(S * M, K), n, replacement=True,
+                             generator=generator).view(S, M, n)
 
 
 def train_exact(bandit: Bandit, route: str, response_coef=1.0, label_coef=1.0, steps=2000, lr=0.05,

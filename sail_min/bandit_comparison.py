@@ -1,24 +1,102 @@
-"""The bandit comparison: offline DPO, online DPO and the SAIL variants, several seeds.
+"""The bandit comparison at equal oracle-label budgets: offline DPO, online and iterative DPO, the
+SAIL variants each beside its control, several seeds.
 
-Used by notebook 02 and by `python -m sail_min bandit`. Every method starts at pi_ref, sees
-the same number of pairs per step, and is scored with the exact true reward, KL(pi || pi_ref)
-and KL(pi || pi*) of the bandit (``sail_min.bandit``).
+Used by notebook 02 and by `python -m sail_min bandit`; the larger sweep of the committed results
+(``results/bandit/``) is `python -m sail_min.bandit_comparison --full --out results/bandit`.
+
+**What is equal.** At a budget of B oracle labels per prompt (2 per judged pair: the judge
+scores both responses; building the offline dataset costs its labels too), every method
+
+* spends exactly B labels per prompt (``plan_budget``; counted again while training),
+* takes the same number of optimiser steps (``steps``), each on ``pairs_per_prompt`` pairs per prompt.
+
+Offline DPO gets a dataset of B/2 pairs per prompt, read in shuffled passes. Online methods get
+B/2 oracle-labelled policy pairs per prompt, drawn and labelled in *rounds* and reused for the
+round's steps (``reuse_steps`` = steps per round): online DPO uses as many rounds as the budget
+allows (each round one fresh batch, at most one round per step), iterative DPO a few large ones.
+A method that routes pairs both to the dataset and to oracle-labelled policy pairs (SAIL-PR)
+splits B in proportion to its route probabilities; self-labelled pairs cost no labels.
+
+**Scores.** The headline metric is KL(pi || pi*) (lower is better): pi* maximises
+E[r*] - beta KL(pi || pi_ref), and KL(pi || pi*) = (V(pi*) - V(pi)) / beta for that value V, so it
+is the regret in the objective RLHF optimises. True reward alone can exceed pi*'s (by paying more
+KL to pi_ref), so it is shown beside it, not instead.
+
+**Controls.** Each SAIL variant runs beside its control: the same routing and budget with its
+extra terms off (SAIL-PR: gamma = 0, i.e. online DPO on 30% of pairs; SAIL-PP: pi = 0, i.e. 30%
+self-labelled pairs with no extra term, which carry zero expected gradient; SAIL-DP: rho = 0,
+offline DPO with 40% of its pairs relabelled by the policy, again zero expected gradient).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import math
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .bandit import expected_reward, kl, make_bandit, train_sampled
+from .bandit import LABEL_MODES, expected_reward, kl, make_bandit, route_counts, train_sampled
 from .config import SAILConfig
+
+FULL_BUDGETS = (16, 64, 256, 1024, 4096)
+"""Budgets of the committed sweep (oracle labels per prompt)."""
+
+
+@dataclass(frozen=True)
+class BanditMethod:
+    """A method of the comparison: a config (only routing and coefficients matter), how its
+    oracle-labelled policy pairs are scheduled, how its self-labelled pairs get a label, and
+    the name of its control (a method of the same comparison), if any."""
+
+    config: SAILConfig
+    rounds: str | int = "online"
+    """"online": as many labelling rounds as the budget allows (each round at least one batch of
+    fresh pairs, at most one round per step); an integer: that many rounds (iterative DPO)"""
+    label_mode: str = "sampled"
+    """self-labelled pairs: "sampled" (a draw of the policy's sig(z)) or "expected" (averaged out)"""
+    control: str | None = None
+    """the method whose difference to this one isolates this one's extra terms"""
+
+    def __post_init__(self):
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+        if not (self.rounds == "online" or (isinstance(self.rounds, int) and self.rounds >= 1)):
+            raise ValueError(f"rounds must be 'online' or an integer >= 1, got {self.rounds!r}")
+
+
+def _m(preset, control=None, rounds="online", label_mode="sampled", **overrides) -> BanditMethod:
+    return BanditMethod(SAILConfig.preset(preset, **overrides), rounds, label_mode, control)
+
+
+BANDIT_METHODS = {
+    "offline DPO": _m("offline-dpo"),
+    "online DPO": _m("online-dpo"),
+    "iterative DPO (4 rounds)": _m("online-dpo", rounds=4),
+    # each SAIL variant, then its control: the same routing and budget, extra terms off
+    "SAIL-PR": _m("sail-pr", control="SAIL-PR control (gamma=0)"),
+    "SAIL-PR control (gamma=0)": _m("sail-pr", pr_response_coef=0.0),      # = online DPO on 30%
+    "SAIL-PR (public-code term)": _m("sail-pr", control="SAIL-PR control (gamma=0)", response_mode="public"),
+    "SAIL-PP": _m("sail-pp", control="SAIL-PP control (pi=0)"),
+    "SAIL-PP control (pi=0)": _m("sail-pp", pp_coef=0.0),
+    "SAIL-PP (expected labels)": _m("sail-pp", control="SAIL-PP control (pi=0, expected)", label_mode="expected"),
+    "SAIL-PP control (pi=0, expected)": _m("sail-pp", label_mode="expected", pp_coef=0.0),
+    "SAIL-DP": _m("sail-dp", control="SAIL-DP control (rho=0)"),
+    "SAIL-DP control (rho=0)": _m("sail-dp", dp_label_coef=0.0),
+    "SAIL-DP (expected labels)": _m("sail-dp", control="SAIL-DP control (rho=0, expected)", label_mode="expected"),
+    "SAIL-DP control (rho=0, expected)": _m("sail-dp", label_mode="expected", dp_label_coef=0.0),
+    # coefficient sweep of the exact response term on top of 100% online DPO (its control)
+    "online DPO + response 0.1": _m("online-dpo", control="online DPO", pr_response_coef=0.1),
+    "online DPO + response 0.3": _m("online-dpo", control="online DPO", pr_response_coef=0.3),
+    "online DPO + response 1.0": _m("online-dpo", control="online DPO", pr_response_coef=1.0),
+}
 
 
 @dataclass
 class BanditSetup:
-    """The finite-sample, limited-coverage problem of the comparison."""
+    """The finite-sample, limited-coverage problem of the comparison, and its label budgets."""
 
     n_prompts: int = 16
     """M, number of prompts"""
@@ -30,117 +108,340 @@ class BanditSetup:
     """reference logits ~ ref_scale * N(0,1): large = peaked pi_ref, poor coverage of good responses"""
     problem_seed: int = 0
     """seed of r* and pi_ref"""
-    offline_pairs_per_prompt: int = 4
-    """size of the fixed offline dataset (reference samples, Bradley-Terry oracle labels)"""
+    budgets: tuple = (1024,)
+    """oracle labels per prompt, one comparison each (2 per judged pair, the dataset's included)"""
+    headline_budget: int = 1024
+    """the budget whose curves are kept and plotted (the last budget if it is not one of them)"""
     pairs_per_prompt: int = 16
-    """pairs per prompt per step, for every method"""
-    steps: int = 1000
-    """Adam steps"""
+    """pairs per prompt per optimiser step, for every method"""
+    steps: int = 500
+    """Adam steps, the same for every method and budget"""
     lr: float = 0.05
     """Adam learning rate on the logits"""
     n_seeds: int = 5
-    """independent runs per method (dataset and samples differ)"""
+    """independent runs per method (dataset and samples differ; run s of every method with the
+    same dataset size has the same dataset, so differences to a control are paired by seed)"""
+    eval_every: int = 25
+    """steps between two points of the curves"""
     methods: dict = field(default_factory=lambda: dict(BANDIT_METHODS))
-    """name -> SAILConfig (only its routing and coefficient fields matter here)"""
+    """name -> BanditMethod (or a SAILConfig: online rounds, sampled labels, no control)"""
+
+    @classmethod
+    def full(cls, **changes) -> "BanditSetup":
+        """The committed sweep: every budget of ``FULL_BUDGETS``, 10 seeds."""
+        return cls(**{"budgets": FULL_BUDGETS, "n_seeds": 10, **changes})
 
 
-BANDIT_METHODS = {
-    "offline DPO": SAILConfig.preset("offline-dpo"),
-    "online DPO": SAILConfig.preset("online-dpo"),
-    "SAIL-PR": SAILConfig.preset("sail-pr"),
-    "SAIL-PR (public-code term)": SAILConfig.preset("sail-pr", response_mode="public"),
-    "SAIL-PP": SAILConfig.preset("sail-pp"),
-    "SAIL-DP": SAILConfig.preset("sail-dp"),
-    # the control for SAIL-PR: the same 30% online pairs, response term off
-    "online DPO on 30% (control)": SAILConfig.preset("sail-pr", pr_response_coef=0.0),
-    # coefficient sweep of the exact response term on top of 100% online DPO
-    "online DPO + response 0.1": SAILConfig.preset("online-dpo", pr_response_coef=0.1),
-    "online DPO + response 0.3": SAILConfig.preset("online-dpo", pr_response_coef=0.3),
-    "online DPO + response 1.0": SAILConfig.preset("online-dpo", pr_response_coef=1.0),
-}
+def plan_budget(method: BanditMethod, budget: int, steps: int, pairs_per_prompt: int) -> dict:
+    """How a method spends ``budget`` oracle labels per prompt in ``steps`` steps.
+
+    Returns the dataset size and the number of oracle-labelled policy pairs (per prompt), the
+    number of labelling rounds and the optimiser steps per round (``reuse_steps``). The labels
+    add up to the budget exactly: 2 * (offline_pairs + online_pairs) == budget.
+    """
+    if not (isinstance(budget, int) and budget >= 2 and budget % 2 == 0):
+        raise ValueError(f"a budget is an even number of labels per prompt >= 2, got {budget!r}")
+    config = method.config
+    pairs = budget // 2
+    data_share, online_share = config.route_dpo + config.route_dp, config.route_pr
+    if data_share and online_share:
+        offline = min(max(round(pairs * data_share / (data_share + online_share)), 1), pairs - 1)
+    elif data_share or online_share:
+        offline = pairs if data_share else 0
+    else:
+        raise ValueError("a config with only self-labelled pairs spends no labels")
+    online = pairs - offline
+    if pairs == 1 and data_share and online_share:
+        raise ValueError("a budget of 2 labels cannot feed both the dataset and online pairs")
+    reuse_steps, rounds = steps, 0
+    if online:
+        per_step = route_counts(config.route_probs, pairs_per_prompt)[3]
+        if method.rounds == "online":
+            target = min(max(online // max(per_step, 1), 1), steps)
+        else:
+            target = min(method.rounds, online, steps)
+        reuse_steps = math.ceil(steps / target)
+        rounds = math.ceil(steps / reuse_steps)
+    return dict(offline_pairs=offline, online_pairs=online, rounds=rounds, reuse_steps=reuse_steps)
 
 
 def mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _changed_fields(config: SAILConfig) -> dict:
+    """The fields that differ from SAILConfig's defaults (the routing and coefficients; the bandit
+    uses nothing else of a config)."""
+    default = SAILConfig().to_dict()
+    return {k: v for k, v in config.to_dict().items() if v != default[k]}
+
+
+def _as_method(value) -> BanditMethod:
+    return value if isinstance(value, BanditMethod) else BanditMethod(value)
+
+
 def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> dict:
-    """Train every method of ``setup.methods``; return a JSON-ready dict of curves and summaries."""
+    """Train every method of ``setup.methods`` at every budget; return a JSON-ready dict.
+
+    ``results["by_budget"][str(B)][name]``: the plan, labels spent, final numbers (mean, std and
+    per seed) at budget B; ``results["methods"]`` the same at the headline budget, with curves.
+    """
     bandit = make_bandit(setup.n_prompts, setup.n_responses, setup.beta, setup.ref_scale, setup.problem_seed)
+    methods = {name: _as_method(value) for name, value in setup.methods.items()}
+    for name, method in methods.items():
+        if method.control is not None and method.control not in methods:
+            raise ValueError(f"{name}: its control {method.control!r} is not one of the methods")
+    headline = setup.headline_budget if setup.headline_budget in setup.budgets else setup.budgets[-1]
     results = {
-        "setup": {k: v for k, v in asdict(setup).items() if k != "methods"},
+        "setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(setup).items() if k != "methods"},
+        "headline_budget": headline,
         "reference_reward": expected_reward(bandit.ref_logits, bandit).item(),
         "optimal_reward": expected_reward(bandit.optimal_logits, bandit).item(),
         "optimal_kl_ref": kl(bandit.optimal_logits, bandit.ref_logits).item(),
         "reference_kl_opt": kl(bandit.ref_logits, bandit.optimal_logits).item(),
-        "methods": {},
+        "by_budget": {},
     }
-    for name, config in setup.methods.items():
-        start = time.perf_counter()
-        history = train_sampled(bandit, config, n_seeds=setup.n_seeds, steps=setup.steps,
-                        pairs_per_prompt=setup.pairs_per_prompt,
-                        offline_pairs_per_prompt=setup.offline_pairs_per_prompt, lr=setup.lr)
-        seconds = time.perf_counter() - start
-        final = {key: mean_std(history[key][-1]) for key in ("reward", "kl_ref", "kl_opt")}
-        results["methods"][name] = {"config": config.to_dict(), "history": history, "final": final,
-                                    "seconds": seconds}
-        if progress:
-            progress(name)
+    for budget in setup.budgets:
+        block = results["by_budget"][str(budget)] = {}
+        for name, method in methods.items():
+            plan = plan_budget(method, budget, setup.steps, setup.pairs_per_prompt)
+            start = time.perf_counter()
+            history = train_sampled(bandit, method.config, n_seeds=setup.n_seeds, steps=setup.steps,
+                                    pairs_per_prompt=setup.pairs_per_prompt, lr=setup.lr, eval_every=setup.eval_every,
+                                    offline_pairs_per_prompt=plan["offline_pairs"],
+                                    online_pairs_per_prompt=plan["online_pairs"], reuse_steps=plan["reuse_steps"],
+                                    label_mode=method.label_mode)
+            per_seed = {key: history[key][-1] for key in ("reward", "kl_ref", "kl_opt")}
+            entry = {"config": _changed_fields(method.config), "label_mode": method.label_mode, "control": method.control,
+                     "plan": plan, "labels_spent": history["labels_per_prompt"],
+                     "optimizer_steps": history["optimizer_steps"], "rounds": history["rounds"],
+                     "skipped_steps": sum(history["skipped_steps"]),
+                     "final": {key: mean_std(v) for key, v in per_seed.items()}, "final_per_seed": per_seed,
+                     "seconds": time.perf_counter() - start}
+            if budget == headline:
+                entry["history"] = history
+            block[name] = entry
+            if progress:
+                progress(f"{budget} labels: {name}")
+    results["methods"] = results["by_budget"][str(headline)]
     return results
 
 
-def format_table(results: dict) -> str:
-    """A plain-text table of final true reward, KL to pi_ref and KL to pi*, mean +- std over seeds."""
-    n = results["setup"]["n_seeds"]
-    lines = [f"{'method':30s} {'true reward':>16s} {'KL(pi||pi_ref)':>16s} {'KL(pi||pi*)':>16s} {'skipped':>8s}",  # skipped: non-finite steps, all runs
-             "-" * 90]
-    for name, res in results["methods"].items():
-        cells = [f"{m:7.3f} +- {s:5.3f}" for m, s in (res["final"][k] for k in ("reward", "kl_ref", "kl_opt"))]
-        lines.append(f"{name:30s} {cells[0]:>16s} {cells[1]:>16s} {cells[2]:>16s} "
-                     f"{sum(res['history']['skipped_steps']):>8d}")
-    lines.append("-" * 90)
+def control_difference(results: dict, name: str, budget=None, key="kl_opt") -> tuple[float, float]:
+    """Mean and std over seeds of (method - its control) in ``key``, paired by seed."""
+    block = results["by_budget"][str(budget or results["headline_budget"])]
+    a, b = block[name]["final_per_seed"][key], block[block[name]["control"]]["final_per_seed"][key]
+    return mean_std([x - y for x, y in zip(a, b)])
+
+
+def format_table(results: dict, budget=None) -> str:
+    """A plain-text table per budget: labels spent, steps, KL(pi || pi*) (the headline), true
+    reward, KL(pi || pi_ref), and each variant's paired difference to its control (the row below
+    it), mean +- std over seeds. ``budget``: one budget only (default: all of them)."""
+    budgets = [str(budget)] if budget is not None else list(results["by_budget"])
+    setup, n = results["setup"], results["setup"]["n_seeds"]
+    head = (f"{'method':34s} {'labels':>6s} {'data+online':>11s} {'rounds x reuse':>14s} {'KL(pi||pi*)':>15s} "
+            f"{'true reward':>15s} {'KL(pi||pi_ref)':>15s} {'dKL vs control':>15s} {'dreward vs ctrl':>15s} {'skip':>5s}")
+    width = len(head)
+    lines = []
+    for b in budgets:
+        lines += [f"== {b} oracle labels per prompt, {setup['steps']} optimiser steps of {setup['pairs_per_prompt']} "
+                  f"pairs per prompt, every method ==", head, "-" * width]
+        for name, res in results["by_budget"][b].items():
+            cells = [f"{m:6.3f} +- {s:5.3f}" for m, s in (res["final"][k] for k in ("kl_opt", "reward", "kl_ref"))]
+            if res["control"]:
+                cells += [f"{m:+6.3f} +- {s:5.3f}" for m, s in
+                          (control_difference(results, name, b, key) for key in ("kl_opt", "reward"))]
+            else:
+                cells += ["", ""]
+            plan = res["plan"]
+            split = f"{2 * plan['offline_pairs']}+{2 * plan['online_pairs']}"
+            rounds = f"{res['rounds']} x {plan['reuse_steps']}" if res["rounds"] else "-"
+            lines.append(f"{name:34s} {res['labels_spent']:6d} {split:>11s} {rounds:>14s} {cells[0]:>15s} {cells[1]:>15s} "
+                         f"{cells[2]:>15s} {cells[3]:>15s} {cells[4]:>15s} {res['skipped_steps']:5d}")
+        lines.append("-" * width)
     for name, reward, kl_ref, kl_opt in (("pi_ref", results["reference_reward"], 0.0, results["reference_kl_opt"]),
                                          ("pi* (closed form)", results["optimal_reward"], results["optimal_kl_ref"], 0.0)):
-        lines.append(f"{name:30s} {reward:7.3f}{'':9s} {kl_ref:7.3f}{'':9s} {kl_opt:7.3f}")
-    lines.append(f"(mean +- std over {n} seeds after {results['setup']['steps']} steps)")
+        lines.append(f"{name:34s} {'':6s} {'':11s} {'':14s} {kl_opt:6.3f}{'':9s} {reward:6.3f}{'':9s} {kl_ref:6.3f}")
+    lines.append(f"(mean +- std over {n} seeds; labels: oracle labels per prompt spent, 2 per judged pair, dataset "
+                 f"included; d... vs control: the method minus its control, paired by seed; a control is the same "
+                 f"routing with the extra terms off, listed right below its variant (the response sweep's is online DPO))")
     return "\n".join(lines)
 
 
+def format_budget_table(results: dict, methods=None, key="kl_opt") -> str:
+    """One row per method, one column per budget: the mean (and std) of ``key`` over seeds."""
+    methods = methods or list(results["methods"])
+    budgets = list(results["by_budget"])
+    label = {"kl_opt": "KL(pi||pi*)", "reward": "true reward", "kl_ref": "KL(pi||pi_ref)"}[key]
+    lines = [f"{label + ' at a budget of (oracle labels per prompt)':44s}" + "".join(f"{b:>16s}" for b in budgets)]
+    for name in methods:
+        cells = [results["by_budget"][b][name]["final"][key] for b in budgets]
+        lines.append(f"{name:44s}" + "".join(f"{f'{m:.3f} +- {s:.3f}':>16s}" for m, s in cells))
+    return "\n".join(lines)
+
+
+PANELS = [("kl_opt", "KL(pi || pi*) (nats, lower is better)"), ("reward", "true reward E[r*] (reward units)"),
+          ("kl_ref", "KL(pi || pi_ref) (nats)")]
+
+
 def plot_bandit_comparison(results: dict, methods=None, path=None):
-    """Curves of true reward, KL(pi || pi_ref), KL(pi || pi*) vs step: mean line, +- std band."""
+    """Curves at the headline budget of KL(pi || pi*), true reward and KL(pi || pi_ref) vs step:
+    mean line, +- std band."""
     import matplotlib.pyplot as plt
 
     methods = methods or list(results["methods"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [("reward", "true reward E[r*] (reward units)"), ("kl_ref", "KL(pi || pi_ref) (nats)"),
-              ("kl_opt", "KL(pi || pi*) (nats)")]
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label) in zip(axes, PANELS):
         for name in methods:
             hist = results["methods"][name]["history"]
             stats = [mean_std(v) for v in hist[key]]
             mean = [m for m, _ in stats]
             ax.plot(hist["step"], mean, label=name)
             ax.fill_between(hist["step"], [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
-        ax.set_xlabel("training step")
+        ax.set_xlabel("optimiser step")
         ax.set_ylabel(label)
-    axes[0].axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
-    axes[0].axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
-    axes[0].legend(fontsize=7)
-    axes[2].set_yscale("log")
+    axes[0].set_yscale("log")
+    axes[1].axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
+    axes[1].axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"bandit, {results['headline_budget']} oracle labels per prompt: mean over "
+                 f"{results['setup']['n_seeds']} seeds, band = +- 1 std", y=1.02)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
 
 
+BUDGET_PLOT_METHODS = ["offline DPO", "online DPO", "iterative DPO (4 rounds)"]
+CONTROL_PANELS = [("SAIL-PR", ["SAIL-PR"]), ("SAIL-PP", ["SAIL-PP", "SAIL-PP (expected labels)"]),
+                  ("SAIL-DP", ["SAIL-DP", "SAIL-DP (expected labels)"])]
+
+
+def _budget_curve(ax, results, name, key, budgets, shift=1.0, **style):
+    stats = [results["by_budget"][str(b)][name]["final"][key] for b in budgets]
+    ax.errorbar([b * shift for b in budgets], [m for m, _ in stats], yerr=[s for _, s in stats],
+                marker="o", ms=4, capsize=2, label=name, **style)
+
+
+def _budget_axis(ax, budgets):
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("oracle labels per prompt")
+
+
+def plot_budgets(results: dict, methods=None, path=None):
+    """Final numbers against the oracle labels per prompt spent (2 per judged pair, dataset
+    included), mean over seeds, error bar +- 1 std. Top: KL(pi || pi*) and true reward of
+    ``methods`` (default: offline, online and iterative DPO). Bottom: KL(pi || pi*) of each SAIL
+    variant (solid) beside its control (dashed, same colour)."""
+    import matplotlib.pyplot as plt
+
+    methods = methods or [m for m in BUDGET_PLOT_METHODS if m in results["methods"]]
+    budgets = [int(b) for b in results["by_budget"]]
+    fig = plt.figure(figsize=(15, 8.5))
+    grid = fig.add_gridspec(2, 6)
+    top = [fig.add_subplot(grid[0, :3]), fig.add_subplot(grid[0, 3:])]
+    for ax, (key, label) in zip(top, PANELS[:2]):
+        for i, name in enumerate(methods):
+            _budget_curve(ax, results, name, key, budgets, shift=1.0 + 0.05 * (i - (len(methods) - 1) / 2))
+        _budget_axis(ax, budgets)
+        ax.set_ylabel(label)
+    top[0].set_yscale("log")
+    top[1].axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
+    top[1].axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
+    top[0].legend(fontsize=8)
+    top[1].legend(fontsize=8)
+    for col, (title, variants) in enumerate(CONTROL_PANELS):
+        variants = [v for v in variants if v in results["methods"]]
+        if not variants:
+            continue
+        ax = fig.add_subplot(grid[1, 2 * col: 2 * col + 2])
+        for i, name in enumerate(variants):
+            colour = f"C{3 + i}"
+            _budget_curve(ax, results, name, "kl_opt", budgets, 1.0 + 0.08 * (i - 0.5), color=colour)
+            _budget_curve(ax, results, results["methods"][name]["control"], "kl_opt", budgets,
+                          1.0 + 0.08 * (i - 0.5) + 0.04, color=colour, ls="--", alpha=0.8)
+        _budget_axis(ax, budgets)
+        ax.set_yscale("log")
+        ax.set_ylabel("KL(pi || pi*) (nats, lower is better)")
+        ax.set_title(f"{title} (solid) vs its control (dashed)", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"bandit at equal label budgets: every method spends the budget in {results['setup']['steps']} "
+                 f"optimiser steps; mean +- std over {results['setup']['n_seeds']} seeds", y=1.0)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
+
+
+def _rounded(value):
+    """Floats to 6 significant digits, so the JSON stays small and readable."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write results.json and bandit_comparison.png to ``out``."""
+    """Write bandit_results.json and bandit_comparison.png (curves at the headline budget) to
+    ``out``; with several budgets also bandit_budgets.png. Returns the first two paths."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "bandit_results.json", out / "bandit_comparison.png"
-    json_path.write_text(json.dumps(results, indent=1))
-    fig = plot_bandit_comparison(results, path=png_path)
-    plt.close(fig)
+    # "methods" (the headline budget, with curves) is a view of one block of "by_budget": written once
+    # with its curves, and in "by_budget" without them
+    by_budget = {b: {name: {k: v for k, v in entry.items() if k != "history"} for name, entry in block.items()}
+                 for b, block in results["by_budget"].items()}
+    text = json.dumps(_rounded({**results, "by_budget": by_budget}), indent=1)
+    # a list of numbers on one line (curves and per-seed values): a readable file a third of the size
+    text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    json_path.write_text(text)
+    main = [m for m in ("offline DPO", "online DPO", "iterative DPO (4 rounds)", "SAIL-PR", "SAIL-PR control (gamma=0)",
+                        "SAIL-PP", "SAIL-DP") if m in results["methods"]]
+    plt.close(plot_bandit_comparison(results, main or None, path=png_path))
+    if len(results["by_budget"]) > 1:
+        plt.close(plot_budgets(results, path=out / "bandit_budgets.png"))
     return json_path, png_path
+
+
+def read_results(path: str | Path) -> dict:
+    """Read what ``write_results`` wrote (the headline budget's block of ``by_budget`` is ``methods``)."""
+    results = json.loads(Path(path).read_text())
+    results["by_budget"][str(results["headline_budget"])] = results["methods"]
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sail_min.bandit_comparison", description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help=f"budgets {FULL_BUDGETS}, 10 seeds")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="oracle labels per prompt")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", default="outputs/bandit")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    changes = {k: v for k, v in (("n_seeds", args.seeds), ("steps", args.steps),
+                                 ("budgets", tuple(args.budgets) if args.budgets else None)) if v is not None}
+    setup = BanditSetup.full(**changes) if args.full else BanditSetup(**changes)
+    start = time.perf_counter()
+    results = run_bandit_comparison(setup)
+    print(format_table(results))
+    if len(results["by_budget"]) > 1:
+        for key in ("kl_opt", "reward"):
+            print("\n" + format_budget_table(results, key=key))
+    json_path, png_path = write_results(results, args.out)
+    print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -137,3 +137,191 @@ def test_dataset_routes_need_a_dataset():
     bandit = make_bandit(n_prompts=2, n_responses=3)
     with pytest.raises(ValueError, match="offline_chosen"):
         sample_pairs(bandit.ref_logits[None], bandit, SAILConfig(), 4, torch.Generator())
+
+
+# --------------------------------------------------------------------------------------
+# equal label budgets, label reuse, expected labels (issue 11)
+# --------------------------------------------------------------------------------------
+from sail_min.bandit import _label_with, batch_loss, expected_label_loss, route_counts  # noqa: E402
+from sail_min.bandit_comparison import (  # noqa: E402
+    BANDIT_METHODS, BanditMethod, BanditSetup, format_table, plan_budget, run_bandit_comparison,
+)
+from sail_min.objective import sail_loss  # noqa: E402
+
+
+def test_route_counts_split_a_batch_exactly():
+    assert route_counts([0.7, 0.0, 0.0, 0.3], 16) == [11, 0, 0, 5]
+    assert route_counts([0.6, 0.4, 0.0, 0.0], 16) == [10, 6, 0, 0]
+    assert route_counts([0.0, 0.0, 0.0, 1.0], 7) == [0, 0, 0, 7]
+    assert all(sum(route_counts(SAILConfig.preset(p).route_probs, n)) == n
+               for p in ("offline-dpo", "sail-pr", "sail-pp", "sail-dp") for n in (1, 3, 16, 33))
+
+
+@pytest.mark.parametrize("budget", [16, 64, 1024])
+def test_every_method_spends_exactly_the_budget_in_the_same_number_of_steps(budget):
+    bandit = make_bandit(n_prompts=3, n_responses=5, beta=0.5, seed=0)
+    steps = 12
+    for name, method in BANDIT_METHODS.items():
+        plan = plan_budget(method, budget, steps, pairs_per_prompt=16)
+        assert 2 * (plan["offline_pairs"] + plan["online_pairs"]) == budget, name
+        hist = train_sampled(bandit, method.config, n_seeds=2, steps=steps, eval_every=steps,
+                             offline_pairs_per_prompt=plan["offline_pairs"], online_pairs_per_prompt=plan["online_pairs"],
+                             reuse_steps=plan["reuse_steps"], label_mode=method.label_mode)
+        assert hist["labels_per_prompt"] == budget, name          # counted while training, not planned
+        assert hist["labels"][-1] == budget and hist["optimizer_steps"] == steps, name
+        assert hist["rounds"] == plan["rounds"], name
+    # who spends what: offline DPO all on the dataset, online DPO all online, SAIL-PR 70/30
+    assert plan_budget(BANDIT_METHODS["offline DPO"], budget, steps, 16)["online_pairs"] == 0
+    assert plan_budget(BANDIT_METHODS["online DPO"], budget, steps, 16)["offline_pairs"] == 0
+    pr = plan_budget(BANDIT_METHODS["SAIL-PR"], budget, steps, 16)
+    assert abs(pr["offline_pairs"] - 0.7 * budget / 2) <= 0.5
+    assert plan_budget(BANDIT_METHODS["SAIL-PP"], budget, steps, 16)["offline_pairs"] == budget // 2  # pp is free
+
+
+def test_online_rounds_scale_with_the_budget_and_iterative_dpo_keeps_its_rounds():
+    online, iterative = BANDIT_METHODS["online DPO"], BANDIT_METHODS["iterative DPO (4 rounds)"]
+    assert [plan_budget(online, b, 512, 16)["rounds"] for b in (16, 64, 256, 1024, 4096)] == [1, 2, 8, 32, 128]
+    assert [plan_budget(online, b, 512, 16)["reuse_steps"] for b in (16, 4096)] == [512, 4]
+    assert plan_budget(iterative, 4096, 512, 16) == dict(offline_pairs=0, online_pairs=2048, rounds=4, reuse_steps=128)
+    assert plan_budget(iterative, 4, 512, 16)["rounds"] == 2           # never more rounds than pairs
+    with pytest.raises(ValueError, match="even"):
+        plan_budget(online, 15, 10, 16)
+
+
+@pytest.mark.parametrize("reuse", [1, 3, 5])
+def test_label_reuse_draws_and_labels_a_round_every_reuse_steps(reuse):
+    bandit = make_bandit(n_prompts=3, n_responses=5, beta=0.5, seed=0)
+    online = SAILConfig.preset("online-dpo")
+    steps, per_round = 11, 4
+    rounds = -(-steps // reuse)
+    hist = train_sampled(bandit, online, n_seeds=2, steps=steps, pairs_per_prompt=4, eval_every=1,
+                         online_pairs_per_prompt=per_round * rounds, reuse_steps=reuse)
+    # labels[t] = labels spent before step t: a round of 4 pairs (8 labels) starts at steps 0, reuse, 2 reuse, ...
+    assert hist["labels"] == [8 * -(-t // reuse) for t in range(steps + 1)]
+    assert hist["rounds"] == rounds and hist["labels_per_prompt"] == 8 * rounds
+    # default: one batch of fresh pairs per round, so reuse_steps=1 is plain online DPO
+    fresh = train_sampled(bandit, online, n_seeds=2, steps=steps, pairs_per_prompt=4, eval_every=steps)
+    assert fresh["labels_per_prompt"] == 2 * 4 * steps
+    with pytest.raises(ValueError, match="rounds"):
+        train_sampled(bandit, online, steps=10, reuse_steps=1, online_pairs_per_prompt=5)
+
+
+def test_reused_round_is_read_in_shuffled_passes(monkeypatch):
+    """Within a round every step reads the same pool: with a pool of one batch, the same pairs."""
+    import sail_min.bandit as bandit_module
+    seen = []
+    original = bandit_module.batch_loss
+
+    def spy(theta, bandit, config, chosen, rejected, route, **kwargs):
+        seen.append(sorted(zip(chosen[0, 0].tolist(), rejected[0, 0].tolist())))
+        return original(theta, bandit, config, chosen, rejected, route, **kwargs)
+
+    monkeypatch.setattr(bandit_module, "batch_loss", spy)
+    bandit = make_bandit(n_prompts=2, n_responses=6, beta=0.5, seed=0)
+    train_sampled(bandit, SAILConfig.preset("online-dpo"), n_seeds=1, steps=6, pairs_per_prompt=8, reuse_steps=3,
+                  online_pairs_per_prompt=16, eval_every=6)
+    assert seen[0] == seen[1] == seen[2] and seen[3] == seen[4] == seen[5] and seen[0] != seen[3]
+
+
+@pytest.mark.parametrize("preset,coefs", [("sail-pp", dict(pp_coef=0.7)), ("sail-dp", dict(dp_label_coef=0.7)),
+                                          ("sail-pp", dict(pp_coef=0.0))])
+def test_expected_label_gradient_is_the_mean_of_sampled_label_gradients(preset, coefs):
+    """Monte Carlo over D label draws with the pairs fixed: |mean - expected| <= 5 standard errors
+    (+1e-12 for coordinates with no pair, where both are 0 up to rounding)."""
+    bandit = make_bandit(n_prompts=3, n_responses=4, beta=0.6, seed=3)
+    theta = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(0)
+    route_id = ROUTES.index("pp" if preset == "sail-pp" else "dp")
+    config = SAILConfig.preset(preset, route_dpo=0.0, **{"route_pp" if route_id == 2 else "route_dp": 1.0}, **coefs)
+    N, D = 6, 20000
+    y = torch.multinomial(torch.softmax(theta, -1), 2 * N, replacement=True, generator=g).view(1, 3, 2, N)
+    y1, y2 = y[:, :, 0], y[:, :, 1]
+    route = torch.full((1, 3, N), route_id)
+
+    expected = grad_of(lambda t: batch_loss(t[None], bandit, config, y1, y2, route, label_mode="expected").loss, theta)
+    thetas = theta.expand(D, 3, 4).clone().requires_grad_()
+    chosen, rejected = _label_with(torch.sigmoid(pair_logits(theta, bandit)), y1.expand(D, -1, -1),
+                                   y2.expand(D, -1, -1), g)
+    batch_loss(thetas, bandit, config, chosen, rejected, route.expand(D, -1, -1)).loss.backward()
+    mean, stderr = thetas.grad.mean(0), thetas.grad.std(0) / D ** 0.5
+    assert ((mean - expected).abs() <= 5 * stderr + 1e-12).all()
+    if coefs.get("pp_coef", 1) == 0:
+        # no extra terms: self-labelled pairs carry exactly zero expected gradient, and their
+        # sampled gradient is pure noise around it
+        assert expected.abs().max() < 1e-15 and thetas.grad.std(0).max() > 1e-2
+    else:
+        assert expected.abs().max() > 20 * stderr.max()       # and the test can tell a wrong expectation
+
+
+def test_expected_label_loss_of_a_known_label_is_sail_loss_and_of_a_self_label_is_entropy_minimisation(problem):
+    bandit, theta = problem
+    g = torch.Generator().manual_seed(1)
+    y = torch.multinomial(torch.softmax(theta, -1), 10, replacement=True, generator=g)
+    x = torch.arange(3)[:, None].expand(3, 5).flatten()
+    y1, y2 = y[:, :5].flatten(), y[:, 5:].flatten()
+
+    def pieces(t):
+        lp = torch.log_softmax(t, -1)
+        return lp[x, y1], lp[x, y2], bandit.log_ref[x, y1], bandit.log_ref[x, y2]
+
+    kwargs = dict(response_coef=0.4, label_coef=0.3, groups=x)
+    known = grad_of(lambda t: expected_label_loss(*pieces(t), bandit.beta, torch.ones(15, dtype=F64), **kwargs).loss,
+                    theta)
+    assert relative_error(known, grad_of(lambda t: sail_loss(*pieces(t), bandit.beta, **kwargs).loss, theta)) < 1e-12
+
+    def z_of(t):
+        a, b, c, d = pieces(t)
+        return bandit.beta * ((a - c) - (b - d))
+
+    def own(t):   # p = sig(z), held fixed: DPO part's gradient 0, label part's = grad of the binary entropy
+        return expected_label_loss(*pieces(t), bandit.beta, torch.sigmoid(z_of(t)).detach(), label_coef=0.3).loss
+
+    def entropy(t):
+        p = torch.sigmoid(z_of(t))
+        return -(p * p.log() + (1 - p) * (1 - p).log()).mean()
+
+    assert relative_error(grad_of(own, theta), 0.3 * grad_of(entropy, theta)) < 1e-12
+    value = expected_label_loss(*pieces(theta), bandit.beta, torch.sigmoid(z_of(theta)))
+    assert torch.allclose(value.dpo, -(lambda p: p * p.log() + (1 - p) * (1 - p).log())(torch.sigmoid(value.z)))
+
+
+def test_controls_zero_expected_gradient_from_self_labelled_pairs():
+    """SAIL-PP's and SAIL-DP's controls: with labels averaged out, the self-labelled pairs add
+    nothing; the batch gradient is that of its dataset pairs alone."""
+    bandit = make_bandit(n_prompts=3, n_responses=5, beta=0.5, seed=0)
+    theta = torch.randn(1, 3, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.randint(5, (1, 3, 10), generator=g)
+    rejected = torch.randint(5, (1, 3, 10), generator=g)
+    for name, self_route in (("SAIL-PP control (pi=0, expected)", 2), ("SAIL-DP control (rho=0, expected)", 1)):
+        config = BANDIT_METHODS[name].config
+        route = torch.tensor([0] * 7 + [self_route] * 3).expand(1, 3, 10)
+        full = grad_of(lambda t: batch_loss(t, bandit, config, chosen, rejected, route, label_mode="expected").loss,
+                       theta)
+        dataset_only = grad_of(lambda t: 0.7 * batch_loss(t, bandit, config, chosen[..., :7], rejected[..., :7],
+                                                          route[..., :7]).loss, theta)
+        assert relative_error(full, dataset_only) < 1e-12, name
+
+
+def test_table_shows_each_variant_beside_its_control_and_the_labels_spent():
+    setup = BanditSetup(n_prompts=4, n_responses=5, budgets=(16, 64), steps=6, n_seeds=2, eval_every=3)
+    results = run_bandit_comparison(setup)
+    table = format_table(results)
+    lines = table.splitlines()
+    for budget in ("16", "64"):
+        block = results["by_budget"][budget]
+        assert all(entry["labels_spent"] == int(budget) and entry["optimizer_steps"] == 6 for entry in block.values())
+    for variant, control in (("SAIL-PR", "SAIL-PR control (gamma=0)"), ("SAIL-PP", "SAIL-PP control (pi=0)"),
+                             ("SAIL-DP", "SAIL-DP control (rho=0)"),
+                             ("SAIL-PP (expected labels)", "SAIL-PP control (pi=0, expected)"),
+                             ("SAIL-DP (expected labels)", "SAIL-DP control (rho=0, expected)")):
+        assert results["methods"][variant]["control"] == control
+        rows = [i for i, line in enumerate(lines) if line[:34].rstrip() == variant]
+        assert len(rows) == 2                                              # one per budget
+        for i in rows:
+            assert lines[i + 1][:34].rstrip() == control                  # its control right below it
+            assert lines[i].count("+-") == 5 and lines[i + 1].count("+-") == 3   # the variant has the differences
+            assert " 64 " in lines[i] or " 16 " in lines[i]                # labels spent
+    assert "KL(pi||pi*)" in lines[1] and lines[1].index("KL(pi||pi*)") < lines[1].index("true reward")
+    with pytest.raises(ValueError, match="control"):
+        run_bandit_comparison(BanditSetup(methods={"x": BanditMethod(SAILConfig(), control="nope")}))
