@@ -64,13 +64,19 @@ def _train(args) -> int:
 def _bandit(args) -> int:
     import torch
 
-    from .bandit_comparison import BanditSetup, format_table, run_bandit_comparison, write_results
+    from .bandit_comparison import BanditSetup, format_budget_table, format_table, run_bandit_comparison, write_results
 
     torch.set_num_threads(1)  # tensors of a few hundred numbers: extra threads only add overhead
     start = time.perf_counter()
     changes = {k: v for k, v in (("n_seeds", args.seeds), ("steps", args.steps)) if v is not None}
-    results = run_bandit_comparison(BanditSetup(**changes))
+    if args.budgets:
+        changes["budgets"] = tuple(args.budgets)
+        changes.setdefault("headline_budget", args.budgets[-1])
+    results = run_bandit_comparison(BanditSetup.full(**changes) if args.full else BanditSetup(**changes))
     print(format_table(results))
+    if len(results["by_budget"]) > 1:
+        print("\nKL(pi || pi*) by oracle labels per prompt:")
+        print(format_budget_table(results))
     json_path, png_path = write_results(results, args.out)
     print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.1f} s")
     return 0
@@ -151,7 +157,11 @@ def main(argv=None) -> int:
     bandit = commands.add_parser("bandit", help="the bandit comparison (notebook 02)")
     bandit.add_argument("--out", default="outputs/bandit", help="output folder (default: outputs/bandit)")
     bandit.add_argument("--seeds", type=int, default=None, help="runs per method (default 5)")
-    bandit.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
+    bandit.add_argument("--steps", type=int, default=None, help="optimiser steps, every method and budget (default 500)")
+    bandit.add_argument("--budgets", type=int, nargs="+", metavar="N",
+                        help="oracle labels per prompt to compare at (default 1024)")
+    bandit.add_argument("--full", action="store_true",
+                        help="the committed sweep: budgets 16..4096, 10 seeds (results/bandit/, ~3 min)")
 
     commands.add_parser("check", help="verify the derivation numerically")
 

@@ -181,10 +181,10 @@ def sample_offline_dataset(bandit: Bandit, pairs_per_prompt: int, n_seeds: int, 
     S, M, D = n_seeds, bandit.n_prompts, pairs_per_prompt
     ref = bandit.log_ref.exp().repeat(S, 1)                                     # [S*M, K]
     y = torch.multinomial(ref, 2 * D, replacement=True, generator=generator).view(S, M, 2, D)
-    return _label_with(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], generator)
+    return draw_labels(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], generator)
 
 
-def _label_with(prefs, y1, y2, generator):
+def draw_labels(prefs, y1, y2, generator):
     """chosen = y1 with probability prefs[x, y1, y2], else y2. prefs: [M,K,K] or [S,M,K,K]."""
     S, M, N = y1.shape
     prefs = prefs.expand(S, *prefs.shape[-3:])
@@ -219,64 +219,13 @@ def sample_pairs(theta, bandit: Bandit, config: SAILConfig, pairs_per_prompt: in
         self_prefs = torch.sigmoid(torch.stack([pair_logits(t, bandit) for t in theta]))
         options = [
             (d_chosen, d_rejected),                                          # dpo: dataset label
-            _label_with(self_prefs, d_chosen, d_rejected, generator),        # dp: relabelled data
-            _label_with(self_prefs, y[:, :, 0], y[:, :, 1], generator),      # pp: policy labels
-            _label_with(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], generator),  # pr: oracle labels
+            draw_labels(self_prefs, d_chosen, d_rejected, generator),        # dp: relabelled data
+            draw_labels(self_prefs, y[:, :, 0], y[:, :, 1], generator),      # pp: policy labels
+            draw_labels(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], generator),  # pr: oracle labels
         ]
         chosen = sum(torch.where(route == k, c, 0) for k, (c, _) in enumerate(options))
         rejected = sum(torch.where(route == k, r, 0) for k, (_, r) in enumerate(options))
     return chosen, rejected, route
-
-
-def expected_label_loss(policy_first, policy_second, ref_first, ref_second, beta, p_first,
-                        response_coef=0.0, label_coef=0.0, response_mode="exact", baseline="loo",
-                        groups=None, weights=None) -> SAILLoss:
-    r"""``sail_loss`` with each pair's label averaged out exactly instead of drawn.
-
-    A pair (y1, y2) whose label is "y1 wins" with probability p = ``p_first`` (held fixed: no
-    gradient flows through it, as none flows through a drawn label) has the expected loss
-
-        E_label[loss] = p * loss(y1 > y2) + (1 - p) * loss(y2 > y1)
-
-    term by term, built from the pieces of ``sail_min.objective``:
-
-        dpo       p f(z) + (1-p) f(-z)                  f = -log sig(z), z = z(y1 > y2)
-        label     p L(z) + (1-p) L(-z)                  L = -1/2 (log sig z)^2  (``label_term``)
-        response  (E f - b) (l1 + l2)                   b: leave-one-out mean of E f (``loo_baseline``)
-
-    Its gradient is the mean of the sampled-label gradient over infinitely many label draws
-    (``tests/test_bandit.py`` checks this by Monte Carlo). For self-labelled pairs, p = sig(z):
-    the DPO part's *value* is then the binary entropy H(sig z) but its gradient (p fixed) is
-    exactly 0, and the label part's gradient is grad H(sig z); so in expectation a self-labelled
-    pair adds coef x entropy minimisation, and nothing else when its coefficients are 0.
-    Pairs with a known label pass p = 1 (chosen first): then this is ``sail_loss`` exactly.
-    """
-    z = dpo_logits(policy_first, policy_second, ref_first, ref_second, beta, check_finite=False)
-    p = p_first.detach().to(z.dtype)
-    if weights is None:
-        weights = torch.full_like(z, 1.0 / z.numel())
-    dpo = p * dpo_loss(z) + (1 - p) * dpo_loss(-z)
-    label = p * label_term(z) + (1 - p) * label_term(-z)
-    if response_mode == "exact":
-        if isinstance(baseline, torch.Tensor):
-            b = baseline.detach()
-        elif baseline == "loo":
-            b = loo_baseline(dpo.detach(), groups)
-        else:
-            b = torch.zeros_like(z)
-        response = (p * response_term(z, policy_first, policy_second, b)
-                    + (1 - p) * response_term(-z, policy_first, policy_second, b))
-        loss = (weights * (dpo + response_coef * response + label_coef * label)).sum()
-    elif response_mode == "public":
-        response = (p * public_code_response_term(z, policy_first, policy_second)
-                    + (1 - p) * public_code_response_term(-z, policy_first, policy_second))
-        loss = (weights * (dpo + label_coef * label)).sum() + (response_coef * response).sum()
-    else:
-        response = torch.zeros_like(z)
-        loss = (weights * (dpo + label_coef * label)).sum()
-    return SAILLoss(loss=loss, z=z.detach(), dpo=dpo.detach(), response=response.detach(), label=label.detach(),
-                    chosen_rewards=beta * (policy_first - ref_first).detach(),
-                    rejected_rewards=beta * (policy_second - ref_second).detach())
 
 
 def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline="loo",
@@ -286,7 +235,7 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
 
     ``label_mode="expected"``: pairs of the self-labelled routes (dp, pp) are taken as unlabelled
     pairs (chosen, rejected) = (y1, y2) and their label is averaged out exactly with the policy's
-    own P(y1 > y2) = sig(z) (``expected_label_loss``); other pairs keep their label."""
+    own P(y1 > y2) = sig(z) (``objective.expected_label_terms``); other pairs keep their label."""
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     S, M, N = chosen.shape
@@ -302,10 +251,7 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
     if label_mode == "sampled":
         return sail_loss(*args, **kwargs)
     self_labelled = torch.tensor([LABELS_FROM[r] == "policy" for r in ROUTES])[route.flatten()]
-    with torch.no_grad():
-        p_first = torch.where(self_labelled, torch.sigmoid(dpo_logits(*args, check_finite=False)),
-                              torch.ones((), dtype=theta.dtype))
-    return expected_label_loss(*args, p_first, **kwargs)
+    return sail_loss(*args, **kwargs, expected_labels=self_labelled)   # objective.expected_label_terms
 
 
 @torch.no_grad()
@@ -355,7 +301,7 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
     * **self-labelled policy pairs** (route pp): two fresh samples each step (labels are free).
 
     Self-labelled pairs (dp, pp) get a label drawn from the policy's sig(z), or, with
-    ``label_mode="expected"``, the label averaged out exactly (``expected_label_loss``).
+    ``label_mode="expected"``, the label averaged out exactly (``objective.expected_label_terms``).
 
     Oracle labels are counted: 2 per labelled pair (the judge scores both responses), the
     dataset's included when the config routes any pair to it. Runs start at pi_ref and differ
@@ -407,16 +353,16 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
                 if b_dp:
                     c, r = d_chosen[..., b_dpo:], d_rejected[..., b_dpo:]
                     parts.append((c, r) if label_mode == "expected" else
-                                 _label_with(_self_prefs(theta, bandit), c, r, g))
+                                 draw_labels(_self_prefs(theta, bandit), c, r, g))
             if b_pp:
                 y = _policy_samples(theta, 2 * b_pp, g).view(S, M, 2, b_pp)
                 parts.append((y[:, :, 0], y[:, :, 1]) if label_mode == "expected" else
-                             _label_with(_self_prefs(theta, bandit), y[:, :, 0], y[:, :, 1], g))
+                             draw_labels(_self_prefs(theta, bandit), y[:, :, 0], y[:, :, 1], g))
             if b_pr:
                 if step % reuse_steps == 0:                              # a new round: draw and label
                     n = online // n_rounds + (rounds_done < online % n_rounds)
                     y = _policy_samples(theta, 2 * n, g).view(S, M, 2, n)
-                    pool_chosen, pool_rejected = _label_with(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], g)
+                    pool_chosen, pool_rejected = draw_labels(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], g)
                     k = min(reuse_steps, steps - step)
                     pool_order = pass_order(S, M, n, k * b_pr, g).view(S, M, k, b_pr)
                     labels += 2 * n

@@ -142,7 +142,7 @@ def test_dataset_routes_need_a_dataset():
 # --------------------------------------------------------------------------------------
 # equal label budgets, label reuse, expected labels (issue 11)
 # --------------------------------------------------------------------------------------
-from sail_min.bandit import _label_with, batch_loss, expected_label_loss, route_counts  # noqa: E402
+from sail_min.bandit import batch_loss, draw_labels, route_counts  # noqa: E402
 from sail_min.bandit_comparison import (  # noqa: E402
     BANDIT_METHODS, BanditMethod, BanditSetup, format_table, plan_budget, run_bandit_comparison,
 )
@@ -240,7 +240,7 @@ def test_expected_label_gradient_is_the_mean_of_sampled_label_gradients(preset, 
 
     expected = grad_of(lambda t: batch_loss(t[None], bandit, config, y1, y2, route, label_mode="expected").loss, theta)
     thetas = theta.expand(D, 3, 4).clone().requires_grad_()
-    chosen, rejected = _label_with(torch.sigmoid(pair_logits(theta, bandit)), y1.expand(D, -1, -1),
+    chosen, rejected = draw_labels(torch.sigmoid(pair_logits(theta, bandit)), y1.expand(D, -1, -1),
                                    y2.expand(D, -1, -1), g)
     batch_loss(thetas, bandit, config, chosen, rejected, route.expand(D, -1, -1)).loss.backward()
     mean, stderr = thetas.grad.mean(0), thetas.grad.std(0) / D ** 0.5
@@ -253,35 +253,33 @@ def test_expected_label_gradient_is_the_mean_of_sampled_label_gradients(preset, 
         assert expected.abs().max() > 20 * stderr.max()       # and the test can tell a wrong expectation
 
 
-def test_expected_label_loss_of_a_known_label_is_sail_loss_and_of_a_self_label_is_entropy_minimisation(problem):
+def test_expected_self_labels_are_entropy_minimisation(problem):
+    """sail_loss(expected_labels=...): the DPO part's gradient is 0 and the label part's is coef x the
+    gradient of the binary entropy of the policy's own preferences; the DPO value is that entropy."""
     bandit, theta = problem
     g = torch.Generator().manual_seed(1)
     y = torch.multinomial(torch.softmax(theta, -1), 10, replacement=True, generator=g)
     x = torch.arange(3)[:, None].expand(3, 5).flatten()
     y1, y2 = y[:, :5].flatten(), y[:, 5:].flatten()
+    every = torch.ones(15, dtype=torch.bool)
 
     def pieces(t):
         lp = torch.log_softmax(t, -1)
         return lp[x, y1], lp[x, y2], bandit.log_ref[x, y1], bandit.log_ref[x, y2]
 
-    kwargs = dict(response_coef=0.4, label_coef=0.3, groups=x)
-    known = grad_of(lambda t: expected_label_loss(*pieces(t), bandit.beta, torch.ones(15, dtype=F64), **kwargs).loss,
-                    theta)
-    assert relative_error(known, grad_of(lambda t: sail_loss(*pieces(t), bandit.beta, **kwargs).loss, theta)) < 1e-12
-
     def z_of(t):
         a, b, c, d = pieces(t)
         return bandit.beta * ((a - c) - (b - d))
 
-    def own(t):   # p = sig(z), held fixed: DPO part's gradient 0, label part's = grad of the binary entropy
-        return expected_label_loss(*pieces(t), bandit.beta, torch.sigmoid(z_of(t)).detach(), label_coef=0.3).loss
+    def own(t):
+        return sail_loss(*pieces(t), bandit.beta, label_coef=0.3, expected_labels=every).loss
 
     def entropy(t):
         p = torch.sigmoid(z_of(t))
         return -(p * p.log() + (1 - p) * (1 - p).log()).mean()
 
     assert relative_error(grad_of(own, theta), 0.3 * grad_of(entropy, theta)) < 1e-12
-    value = expected_label_loss(*pieces(theta), bandit.beta, torch.sigmoid(z_of(theta)))
+    value = sail_loss(*pieces(theta), bandit.beta, expected_labels=every)
     assert torch.allclose(value.dpo, -(lambda p: p * p.log() + (1 - p) * (1 - p).log())(torch.sigmoid(value.z)))
 
 
