@@ -22,11 +22,18 @@ def _compare(args) -> int:
     from .compare import format_table, write_results
     from .tasks.sentiment import REWARD_LABEL, main_job
 
+    from .checkpoint import CheckpointError
+    from .cli import UserError
+    from .compare import IncompleteRun
+
     start = time.perf_counter()
     if args.full:
         return _compare_full(args, start)
-    results = main_job(args.out, seeds=args.seeds or (2 if args.quick else 5), quick=args.quick,
-                       resume=args.resume, progress=not args.quick)
+    try:
+        results = main_job(args.out, seeds=args.seeds or (2 if args.quick else 5), quick=args.quick,
+                           resume=args.resume, progress=not args.quick)
+    except (CheckpointError, IncompleteRun) as error:      # --resume over a folder that does not fit
+        raise UserError(str(error)) from None
     print(format_table(results, labels_column="judge_queries", labels_title="judge queries"))
     paths = write_results(results, args.out, REWARD_LABEL)
     print(f"wrote {', '.join(map(str, paths))} and per-run metrics.jsonl under {args.out} "
@@ -75,8 +82,10 @@ def _bandit(args) -> int:
     results = run_bandit_comparison(BanditSetup.full(**changes) if args.full else BanditSetup(**changes))
     print(format_table(results))
     if len(results["by_budget"]) > 1:
-        print("\nKL(pi || pi*) by oracle labels per prompt:")
+        print()
         print(format_budget_table(results))
+        print()
+        print(format_budget_table(results, key="reward"))
     json_path, png_path = write_results(results, args.out)
     print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.1f} s")
     return 0

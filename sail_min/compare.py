@@ -54,7 +54,7 @@ def run_comparison(methods: Sequence, seeds: int, out: str | Path, task: Task, l
             history = train(config, policy, tokenizer, run_task, resume=resume, progress=progress)
             seconds = time.perf_counter() - start
             del policy                                    # free it (and its compiled graphs) before the next
-            runs.append(summarise_run(history, seed, seconds, run_task))
+            runs.append(summarise_run(history, seed, seconds, run_task, where=config.output_dir))
         results["methods"][label] = {"config": config.to_dict(), "runs": runs}
     # the reference (= base) policy's samples, which every win rate is measured against
     first_runs = next(iter(results["methods"].values()))["runs"]
@@ -62,11 +62,15 @@ def run_comparison(methods: Sequence, seeds: int, out: str | Path, task: Task, l
     return results
 
 
-def summarise_run(history: list[dict], seed: int, seconds: float, task: Task) -> dict:
+class IncompleteRun(ValueError):
+    """A run folder whose metrics end without a final evaluation (e.g. metrics.jsonl deleted)."""
+
+
+def summarise_run(history: list[dict], seed: int, seconds: float, task: Task, where: str = "") -> dict:
     """The numbers of one run that the table and the plots use."""
     if not history or "eval/judge_reward" not in history[-1]:
-        raise ValueError(f"run of seed {seed} has no final evaluation in its metrics: "
-                         "delete its folder or re-run it with --resume")
+        raise IncompleteRun(f"{where or f'run of seed {seed}'}: its metrics.jsonl has no final evaluation; "
+                            "delete the run's folder to train it again")
     final = history[-1]
     return {"seed": seed, "seconds": seconds, "judge_reward": final["eval/judge_reward"],
             "win_rate": final["eval/win_rate"], "reference_judge_reward": final["eval/reference_judge_reward"],

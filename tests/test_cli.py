@@ -39,7 +39,13 @@ def test_main_job_quick_writes_table_results_metrics_and_plots(tmp_path):
     for name in ("offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp", "judge reward", "win rate"):
         assert name in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["methods"]) == {"offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp"}
+    assert set(results["methods"]) == {"offline-dpo", "online-dpo", "iterative-dpo", "sail-pr", "sail-pr-control",
+                                       "sail-pr-public-hook", "sail-pp", "sail-pp-control", "sail-dp", "sail-dp-control"}
+    lines = proc.stdout.splitlines()
+    for variant in ("sail-pr", "sail-pp", "sail-dp"):               # each variant printed beside its control
+        row = next(i for i, line in enumerate(lines) if line.startswith(variant + " "))
+        assert lines[row + 1].startswith(variant + "-control")
+    assert "judge queries" in proc.stdout and "reward@KL=" in proc.stdout
     assert len(results["methods"]["sail-pr"]["runs"]) == 2
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "sail-dp" / "seed1" / "metrics.jsonl").exists()
@@ -50,6 +56,10 @@ def test_main_job_quick_writes_table_results_metrics_and_plots(tmp_path):
     for name, method in results["methods"].items():
         for a, b in zip(method["runs"], resumed["methods"][name]["runs"]):
             assert (a["judge_reward"], a["kl"], a["judge_queries"]) == (b["judge_reward"], b["kl"], b["judge_queries"])
+    # a run whose metrics are gone: one line naming the run, exit 2, no traceback
+    (tmp_path / "sail-dp" / "seed1" / "metrics.jsonl").unlink()
+    broken = run("--quick", "--resume", "--out", str(tmp_path))
+    assert broken.returncode == 2 and "sail-dp/seed1" in broken.stderr and "Traceback" not in broken.stderr
 
 
 def test_bad_arguments_are_rejected_with_a_message():
