@@ -55,6 +55,9 @@ def _compare_full(args, start: float) -> int:
     for name, by_beta in results["by_beta"].items():
         print(f"\n{name}:")
         print(format_table(by_beta, labels_column="judge_queries", labels_title="judge queries"))
+    for name, by_budget in results["by_budget"].items():
+        print(f"\njudge budget {name}:")
+        print(format_table(by_budget, labels_column="judge_queries", labels_title="judge queries"))
     paths = write_results(results["best_lr"], args.out, REWARD_LABEL)
     full_path = Path(args.out) / "results_full.json"
     full_path.write_text(json.dumps(results, indent=1))
@@ -125,7 +128,7 @@ def _add_train_parser(commands) -> None:
                            "dataset; their prompts are also the online prompts")
     data.add_argument("--split", default="train", metavar="NAME", help="split of a hub --data (default: train)")
     data.add_argument("--eval-data", metavar="FILE_OR_HUB_NAME",
-                      help="held-out prompts for evaluation (default: the last eval_prompts rows of --data, "
+                      help="held-out prompts for evaluation (default: the last eval_prompts rows of --data, at most a fifth, "
                            "removed from training)")
     data.add_argument("--eval-split", default="train", metavar="NAME", help="split of a hub --eval-data (default: train)")
     judge = one.add_argument_group("judge")

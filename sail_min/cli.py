@@ -6,7 +6,7 @@ The same loop as the notebooks, with the pieces named on the command line:
     policy   --model: a causal LM folder or hub name (pad token = EOS when it has none), LoRA with --lora-rank;
              without --model, the toy task's tiny base policy
     data     --data: preference pairs (``sail_min.data``); online prompts are their prompts; held-out
-             prompts from --eval-data, else the last ``eval_prompts`` rows of --data
+             prompts from --eval-data, else the last ``eval_prompts`` rows of --data (at most a fifth of it)
     judge    --judge: ``vader``, ``module:function`` (any callable (prompts, responses) -> scores), or a
              reward-model folder / hub name read with its own tokenizer (``RewardModelScorer``)
     logging  --report-to tensorboard|wandb: accelerate's trackers (``train`` logs every step's numbers)
@@ -184,7 +184,8 @@ def _key(prompt) -> str:
 
 
 def load_data(args, config, say) -> tuple[list[dict], list]:
-    """(training pairs, held-out prompts): --data, and --eval-data or the last eval_prompts rows of --data."""
+    """(training pairs, held-out prompts): --data, and --eval-data or the last eval_prompts rows of --data
+    (at most a fifth of its rows, so a small file still trains)."""
     from .data import DataError, load_preference_data, load_prompt_data
 
     def read(option, load, source, split):
@@ -206,10 +207,10 @@ def load_data(args, config, say) -> tuple[list[dict], list]:
             + (f" ({dropped} that also appear in --data left out)" if dropped else "")
             + f"; evaluation uses the first {min(len(eval_prompts), config.eval_prompts)}")
         return pairs, eval_prompts
-    n = config.eval_prompts
-    if len(pairs) <= n:
-        raise UserError(f"--data {args.data}: {len(pairs)} rows, and holding out eval_prompts={n} of them "
-                        f"leaves none to train on; pass --eval-data, or --set eval_prompts=N with N < {len(pairs)}")
+    n = min(config.eval_prompts, len(pairs) // 5)         # a small file: a fifth of it, never all of it
+    if n < 1:
+        raise UserError(f"--data {args.data}: {len(pairs)} rows are too few to hold out evaluation prompts "
+                        f"(a fifth of them); pass --eval-data")
     held = pairs[-n:]
     held_keys = {_key(row["prompt"]) for row in held}
     kept = [row for row in pairs[:-n] if _key(row["prompt"]) not in held_keys]

@@ -110,6 +110,16 @@ def in_process(monkeypatch):
     torch.set_num_threads(threads)
 
 
+def test_the_issue_command_runs_as_written_on_a_small_file(tmp_path):
+    """The defaults (eval_prompts=64) on a 20-row file: a fifth of it is held out, the rest trains."""
+    proc = subprocess.run([sys.executable, "-m", "sail_min", "train", "--model", "data/tiny/policy", "--data",
+                           "data/tiny/preferences.jsonl", "--judge", "data/tiny/reward", "--preset", "sail-pr",
+                           "--steps", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the last 4 of 20 rows" in proc.stdout
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_train_with_a_model_preference_file_and_a_reward_model(tiny_run):
     out, proc = tiny_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,7 +193,7 @@ BAD_INPUTS = {   # name: (arguments replacing or added to TINY + SMALL, what the
     "a bad --data row": (["--data", "{tmp}/bad.jsonl"], "--data {tmp}/bad.jsonl row 1 (line 2), field 'chosen': empty text"),
     "a bad --eval-data row": (["--eval-data", "{tmp}/prompts.jsonl"], "--eval-data {tmp}/prompts.jsonl row 1 "
                               "(line 2), field 'prompt': empty text"),
-    "too few rows to hold out": (["--set", "eval_prompts=20"], "--data data/tiny/preferences.jsonl: 20 rows"),
+    "too few rows to hold out": (["--data", "{tmp}/four.jsonl"], "--data {tmp}/four.jsonl: 4 rows are too few"),
     "--eval-data = --data": (["--eval-data", "data/tiny/preferences.jsonl"],
                              "--eval-data data/tiny/preferences.jsonl: every prompt also appears in --data"),
     "missing model folder": (["--model", "data/tiny/none"], "--model data/tiny/none: no such folder"),
@@ -214,6 +224,7 @@ def test_bad_input_exits_2_with_one_line_naming_it(name, in_process, tmp_path, c
     _write(tmp_path / "bad.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
                                    '{"prompt": "a", "chosen": "", "rejected": "c"}\n')
     _write(tmp_path / "prompts.jsonl", '{"prompt": "a"}\n{"prompt": " "}\n')
+    _write(tmp_path / "four.jsonl", "".join(f'{{"prompt": "p{i}", "chosen": "b", "rejected": "c"}}\n' for i in range(4)))
     argv = TINY + SMALL + ["--out", str(tmp_path / "out"), "--steps", "1"]
     for option, value in zip(changes[::2], changes[1::2]):
         if option in argv and option != "--set":

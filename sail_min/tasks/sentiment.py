@@ -300,9 +300,39 @@ def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool 
     return results
 
 
+BUDGETS = (112, 224, 336, 672)
+"""--full: judge-labelled pairs per run (2 judge queries each) for the budget sweep; each divides 42 steps x 16 pairs."""
+
+
+def budget_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
+    """Offline and online DPO at each judge budget of ``BUDGETS`` (pairs), the same 42 steps of 16 pairs each:
+    offline DPO reads the first B dataset pairs in shuffled passes; online DPO labels B pairs in rounds of 16
+    and trains ``672 / B`` steps on each round (``reuse_steps``: iterative DPO when above 1)."""
+    import dataclasses
+
+    from ..compare import run_comparison
+    import torch
+
+    torch.set_num_threads(1)
+    task, results = sentiment_task(), {}
+    for budget in BUDGETS:
+        reuse = (42 * 16) // budget
+        methods = ["offline-dpo", (f"online-dpo (x{reuse} reuse)", "online-dpo", {"reuse_steps": reuse})]
+        results[f"{budget} pairs"] = run_comparison(
+            methods, seeds, Path(out) / f"budget{budget}", task, load_base_model,
+            overrides={"checkpoint_every": 42}, progress=progress,
+            task_for=lambda t, config, b=budget: dataclasses.replace(t, preferences=t.preferences[:b]))
+        for method in results[f"{budget} pairs"]["methods"].values():
+            for run in method["runs"]:
+                run["judge_queries"] = run["judge_labels"] + 2 * (run["dataset_pairs"]
+                                                                  if method["config"]["route_dpo"] > 0 else 0)
+    return results
+
+
 def full_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
     """``main_job`` at every learning rate of ``FULL["lrs"]`` (each method reported at the lr of its best
-    mean final judge reward) and at every beta of ``FULL["betas"]`` (the reward-KL frontier)."""
+    mean final judge reward) and at every beta of ``FULL["betas"]`` (the reward-KL frontier), and
+    ``budget_job`` (offline vs online DPO at several judge budgets)."""
     out = Path(out)
     runs = {f"lr={lr:g}": main_job(out / f"lr{lr:g}", seeds, progress=progress, overrides={"lr": lr})
             for lr in FULL["lrs"]}
@@ -314,4 +344,5 @@ def full_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
     best["base_judge_reward"] = runs[next(iter(runs))]["base_judge_reward"]
     betas = {f"beta={beta:g}": main_job(out / f"beta{beta:g}", seeds, progress=progress, overrides={"beta": beta})
              for beta in FULL["betas"]}
-    return {"best_lr": best, "by_lr": runs, "by_beta": {**betas, "beta=0.1": runs["lr=0.0005"]}}
+    return {"best_lr": best, "by_lr": runs, "by_beta": {**betas, "beta=0.1": runs["lr=0.0005"]},
+            "by_budget": budget_job(out, seeds, progress)}
