@@ -240,17 +240,20 @@ def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config
                      check_finite=False)                                               # non-finite: step skipped
 
 
-def term_gradient_norms(loss: SAILLoss, policy) -> dict:
-    """||grad|| of each term of the loss on its own (3 extra backward passes: logged at evaluations)."""
+def term_gradient_norms(loss: SAILLoss, policy, routes: torch.Tensor, config: SAILConfig) -> dict:
+    """||grad|| of each term of the loss on its own (logged at evaluations). A term whose coefficients
+    are all 0 has no gradient; when both extra terms are off the DPO term's norm is the total gradient's
+    (filled in from the step), so plain DPO runs pay no extra backward pass, SAIL runs one or two."""
+    response_coef, label_coef = config.coefficients(routes)
+    active = {"response": bool(response_coef.any()) and config.response_mode != "off", "label": bool(label_coef.any())}
+    norms = {f"grad_norm/{name}": 0.0 for name, on in active.items() if not on}
+    if not any(active.values()):
+        return norms                                   # grad_norm/dpo = the step's grad_norm
     params = [p for p in policy.parameters() if p.requires_grad]
-    norms = {}
-    for name, part in loss.parts.items():
-        if not part.requires_grad:
-            norms[f"grad_norm/{name}"] = 0.0
-            continue
-        grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
-        norms[f"grad_norm/{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)).item() \
-            if any(g is not None for g in grads) else 0.0
+    for name in ("dpo", *(name for name, on in active.items() if on)):
+        grads = [g for g in torch.autograd.grad(loss.parts[name], params, retain_graph=True, allow_unused=True)
+                 if g is not None]
+        norms[f"grad_norm/{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item() if grads else 0.0
     return norms
 
 
@@ -392,7 +395,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
                                               torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels")))
         t3 = time.perf_counter()
         loss = pair_loss(logps, labels, pairs.routes, config)                                        # 4. loss
-        term_norms = term_gradient_norms(loss, policy) if evaluating and accelerator.num_processes == 1 else {}
+        term_norms = (term_gradient_norms(loss, policy, pairs.routes, config)
+                      if evaluating and accelerator.num_processes == 1 else {})
         grad_norm = optimizer_step(loss.loss, policy, optimizer, config, scaler, accelerator)        # 5. step
         finite = grad_norm is not None
         t4 = time.perf_counter()
@@ -416,6 +420,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
         record = step_record(step, loss, pairs, config, seconds, counters, compiled_before) | skipped | term_norms
         record["grad_norm"] = grad_norm                                   # before clipping
+        if term_norms and "grad_norm/dpo" not in term_norms:              # no extra term: DPO is the total
+            record["grad_norm/dpo"] = grad_norm
         record["clipped"] = bool(config.max_grad_norm and finite and grad_norm > config.max_grad_norm)
         record["judge_truncated_inputs"] = getattr(task.judge, "truncated", 0) - judge_truncated_before
         if evaluating:
