@@ -123,7 +123,12 @@ def register_engine(model: torch.nn.Module, wrapped: torch.nn.Module | None) -> 
         _ENGINES[model] = wrapped
 
 
-def _is_fully_sharded(model) -> bool:
+def has_engine(model) -> bool:
+    """Does an engine own ``model``'s gradients (a registered DDP / DeepSpeed wrapper, or FSDP2 in place)?"""
+    return model in _ENGINES or is_fully_sharded(model)
+
+
+def is_fully_sharded(model) -> bool:
     """FSDP2 (``fully_shard``) on the model, or on the causal LM inside a PEFT model."""
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -138,7 +143,7 @@ def _engine_forward(model):
     FSDP2 (``fully_shard``, in place): the model itself, always. DDP / DeepSpeed (registered with
     ``register_engine``): their wrapper, with gradient only (DDP arms its all-reduce in its forward);
     without gradient (pi_ref, evaluation) the plain module does, nothing being averaged."""
-    if _is_fully_sharded(model):
+    if is_fully_sharded(model):
         return model
     return _ENGINES.get(model) if torch.is_grad_enabled() else None
 

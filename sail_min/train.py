@@ -10,7 +10,7 @@ One optimiser step is five functions, each a few lines, called in order by ``tra
   3. label    dpo: the dataset (y1 = chosen); dp / pp: a draw of the policy's Bradley-Terry model
               P(y1 > y2) = sig(z); pr: the judge (``sail_min.labels``);
   4. loss     ``objective.sail_loss`` with per-pair coefficients from the route;
-  5. step     backward, gradients averaged over processes, clipped, applied. A non-finite loss or
+  5. step     backward (the engine averages gradients over processes), clipped, applied. A non-finite loss or
               gradient skips the step (weights untouched); the metrics say what was non-finite and
               the step's inputs are saved for ``replay_skipped_step``.
 
@@ -24,8 +24,8 @@ carry ``eval/*`` keys.
 
 Multi-process (``accelerate launch``): the pairs of a step are drawn for all processes at once and
 process r takes pairs [r n, (r+1) n), so W processes of n pairs draw what one process of W n pairs
-would. The policy and optimiser go through ``accelerator.prepare`` and the engine averages the
-gradients: DDP (data parallel), FSDP2 (sharded, ``fsdp_version: 2``) or DeepSpeed (untested here).
+would. The policy and optimiser go through ``engine.prepare`` (``accelerator.prepare``) and the engine
+averages the gradients: DDP (data parallel), FSDP2 (sharded, ``fsdp_version: 2``) or DeepSpeed (untested here).
 ``sequence_logprobs`` runs its forward through the engine's wrapper (``logprobs._last_hidden_state``).
 Process 0 logs and checkpoints; with sharded weights every process takes part in evaluation and in
 gathering the checkpoint (a sharded forward needs all of them). One process: no wrapper at all.
@@ -43,13 +43,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
 from .labels import PairLabels, check_judge_scores, implicit_reward_labels, reward_model_labels
-from .logprobs import ReferenceModel, register_engine, sequence_logprobs
+from .engine import GatheredState, check_in_sync, deepspeed_step, local_shard, prepare, unwrapped
+from .logprobs import ReferenceModel, has_engine, register_engine, sequence_logprobs
 from .objective import SAILLoss, sail_loss
 from .sampling import (Responses, check_positions, compile_stats, encode_responses, sample_responses,
                        truncate_prompts_left)
@@ -267,8 +268,8 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, sc
     or None (and leaves the weights untouched) if the loss or any gradient on any process is not finite."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return _deepspeed_step(loss, optimizer, accelerator)
-    if accelerator.num_processes > 1 and not _prepared(policy):
+        return deepspeed_step(loss, optimizer, accelerator)
+    if accelerator.num_processes > 1 and not has_engine(policy):
         raise RuntimeError("several processes but the policy has no engine to average its gradients: "
                            "prepare it as train() does (_prepare)")
     optimizer.zero_grad(set_to_none=True)
@@ -278,7 +279,7 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, sc
         if scaler:
             scaler.unscale_(optimizer)
             unscaled = True
-        finite = all(bool(torch.isfinite(_local(p.grad)).all()) for p in policy.parameters() if p.grad is not None)
+        finite = all(bool(torch.isfinite(local_shard(p.grad)).all()) for p in policy.parameters() if p.grad is not None)
     if accelerator.num_processes > 1:
         finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum")
                       == accelerator.num_processes)
@@ -371,7 +372,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
                                       "holds the gathered trainable weights, load them into the model to start over")
         state = load_checkpoint(out / "checkpoint.pt", map_location=accelerator.device)
         start, counters = restore(state, policy, optimizer, scaler, config=config.to_dict(), path=out / "checkpoint.pt")
-    policy, optimizer = _prepare(policy, optimizer, reference, accelerator)   # DDP / FSDP2 / DeepSpeed; 1 process: as is
+    policy, optimizer = prepare(policy, optimizer, reference, accelerator)   # DDP / FSDP2 / DeepSpeed; 1 process: as is
     history = _open_metrics(out, config, start, resume) if main else []
     baseline_scores = reference_scores(reference, tokenizer, task, config)
     compiled_before = compile_stats()
@@ -441,8 +442,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
             save_checkpoint(out / "checkpoint.pt", model=gathered or policy, optimizer=gathered or optimizer,
                             next_step=step + 1, counters=counters, config=config.to_dict(), scaler=scaler)
     accelerator.wait_for_everyone()
-    _check_in_sync(policy, accelerator)
-    register_engine(_unwrapped(policy), None)
+    check_in_sync(policy, accelerator)
+    register_engine(unwrapped(policy), None)
     return history
 
 
@@ -563,132 +564,6 @@ def _open_metrics(out: Path, config: SAILConfig, start: int, resume: bool) -> li
             kept.append(record)
     metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
     return kept
-
-
-# --------------------------------------------------------------------------------------
-# processes: the engine that owns the weights
-# --------------------------------------------------------------------------------------
-def _prepare(policy, optimizer, reference: ReferenceModel, accelerator: Accelerator):
-    """``accelerator.prepare(policy, optimizer)`` when there are several processes or a sharding config.
-
-    - one process, no engine configured: the module and optimiser as they are (no wrapper, no hook);
-    - DDP (MULTI_GPU / MULTI_CPU): ``policy`` stays the plain module (sampling, evaluation and
-      checkpoints use it); the DDP wrapper is registered for ``sequence_logprobs``' training forward.
-      ``init_sync=False``: every process loads the same weights and builds its reference from them,
-      so a broadcast at wrap time would only hide a mismatch (the policies made equal, the references
-      not); ``_check_in_sync`` finds one at the end instead;
-    - FSDP2: ``fully_shard`` per decoder layer, the embeddings + final norm + lm_head as one unit
-      and the root (accelerate's wrapping), in place: ``policy`` is the same module with DTensor
-      parameters. pi_ref: LoRA = the same sharded module with adapters disabled (no copy); a full
-      model = its deep copy (taken before sharding), sharded the same way;
-    - DeepSpeed (untested: not installed here): the engine is registered like DDP; LoRA only.
-    """
-    kind = accelerator.distributed_type
-    if kind == DistributedType.NO or (accelerator.num_processes == 1 and kind not in (DistributedType.FSDP,
-                                                                                       DistributedType.DEEPSPEED)):
-        return policy, optimizer
-    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise NotImplementedError("FSDP1 is not supported: set fsdp_version: 2 (accelerate_fsdp.yaml)")
-    if kind == DistributedType.DEEPSPEED and not reference.uses_disabled_adapters:
-        raise NotImplementedError("DeepSpeed with a full-model policy would keep an unsharded reference copy on "
-                                  "every GPU: use LoRA (pi_ref = adapters disabled) or FSDP2")
-    if kind != DistributedType.FSDP and accelerator.ddp_handler is None:
-        accelerator.ddp_handler = _NoInitSync()
-    if accelerator.is_fsdp2:
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-        # PEFT: the FSDP root is the causal LM inside the PeftModel, since PeftModel.generate calls that
-        # model's generate (a root above it would be skipped, as a direct decoder call skips the LM's)
-        root = policy.get_base_model() if reference.uses_disabled_adapters else policy
-        _, optimizer = accelerator.prepare(root, optimizer)              # fully_shard in place
-        if not reference.uses_disabled_adapters:
-            fsdp2_prepare_model(accelerator, reference.model)
-        return policy, optimizer
-    wrapped, optimizer = accelerator.prepare(policy, optimizer)
-    register_engine(policy, wrapped)
-    return policy, optimizer
-
-
-class _NoInitSync(DistributedDataParallelKwargs):
-    def to_kwargs(self):
-        return {**super().to_kwargs(), "init_sync": False}
-
-
-def _unwrapped(policy):
-    return getattr(policy, "module", policy) if _is_engine(policy) else policy
-
-
-def _is_engine(module) -> bool:
-    return isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "DeepSpeedEngine"
-
-
-def _prepared(policy) -> bool:
-    """Does an engine own ``policy``'s gradients (a registered wrapper, or FSDP2 in place)?"""
-    from .logprobs import _ENGINES, _is_fully_sharded
-    return policy in _ENGINES or _is_fully_sharded(policy)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor (a DTensor's local shard; any other tensor as it is)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _full(tensor):
-    """A DTensor gathered to the full tensor (collective: every process calls it, in the same order)."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-class GatheredState:
-    """What ``save_checkpoint`` reads (``named_parameters``, the optimiser's ``state_dict``), with
-    sharded tensors gathered to full ones. Built on every process (collectives), saved by process 0."""
-
-    def __init__(self, policy, optimizer):
-        named = list(policy.named_parameters())
-        if any(hasattr(p, "ds_id") for _, p in named):       # DeepSpeed ZeRO-3 (UNTESTED): gather, copy
-            import deepspeed
-            with deepspeed.zero.GatheredParameters([p for _, p in named]):
-                self.params = [(name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-                               for name, p in named]
-            self.optimizer_state = {"state": {}, "param_groups": []}    # partitioned by the engine: not saved
-            return
-        self.params = [(name, torch.nn.Parameter(_full(p.detach()), requires_grad=p.requires_grad))
-                       for name, p in named]
-        state = optimizer.state_dict()
-        self.optimizer_state = {**state, "state": {i: {k: _full(v) for k, v in s.items()}
-                                                  for i, s in sorted(state["state"].items())}}
-
-    def named_parameters(self):
-        return iter(self.params)
-
-    def state_dict(self):
-        return self.optimizer_state
-
-
-def _deepspeed_step(loss: torch.Tensor, optimizer, accelerator: Accelerator) -> float | None:
-    """DeepSpeed (UNTESTED, not installed here): ``accelerator.backward`` runs the engine's backward
-    and step; clipping is the config's ``gradient_clipping``. A step is skipped on a non-finite loss
-    only (the engine keeps the gradients partitioned; fp16 overflow is its own loss scaler's job).
-    Returns NaN for the gradient norm (the engine keeps it), None for a skipped step."""
-    finite = bool(accelerator.reduce(torch.tensor(float(bool(torch.isfinite(loss))), device=accelerator.device),
-                                     "sum") == accelerator.num_processes)
-    if finite:
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return float("nan") if finite else None
-
-
-def _check_in_sync(policy, accelerator: Accelerator) -> None:
-    """Every process must end with the same weights (gradients were averaged across them).
-    Sharded parameters (DTensors) have one copy, spread over the processes: nothing to compare."""
-    if accelerator.num_processes == 1:
-        return
-    replicated = [p for p in policy.parameters() if not hasattr(p, "to_local")]
-    if not replicated:
-        return
-    checksum = torch.stack([p.detach().double().sum() for p in replicated]).sum().reshape(1)
-    gathered = accelerator.gather(checksum)
-    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=1e-6, atol=1e-9):
-        raise RuntimeError(f"processes ended with different weights: checksums {gathered.tolist()}")
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
