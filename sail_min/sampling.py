@@ -331,12 +331,17 @@ def compile_stats() -> dict:
 
 
 def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: int | None):
-    """`model.generate` with a forked, seeded RNG when there is a seed (global RNG untouched)."""
+    """`model.generate` with a forked, seeded RNG when there is a seed (global RNG untouched).
+
+    Sharded weights (FSDP2): every forward pass gathers them from all processes, so every process must
+    run as many as the others; ``synced_gpus`` keeps a finished process stepping until all are done."""
+    from .logprobs import is_fully_sharded
     device = input_ids.device
+    synced = dict(synced_gpus=True) if is_fully_sharded(model) else {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **synced)
 
 
 def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, max_new_tokens: int = 64,

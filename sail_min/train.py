@@ -50,7 +50,7 @@ from .checkpoint import load_checkpoint, restore, save_checkpoint
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
 from .labels import PairLabels, check_judge_scores, implicit_reward_labels, reward_model_labels
 from .engine import GatheredState, check_in_sync, deepspeed_step, local_shard, prepare, unwrapped
-from .logprobs import ReferenceModel, has_engine, register_engine, sequence_logprobs
+from .logprobs import ReferenceModel, has_engine, is_fully_sharded, register_engine, sequence_logprobs
 from .objective import SAILLoss, sail_loss
 from .sampling import (Responses, check_positions, compile_stats, encode_responses, sample_responses,
                        truncate_prompts_left)
@@ -146,6 +146,10 @@ def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, pro
                          seed=step_seed(config.seed, step, process, "sample"), rows=2 * n)
         firsts.append(samples.select(slice(0, None, 2)))
         seconds.append(samples.select(slice(1, None, 2)))
+    elif is_fully_sharded(policy) and not all(from_dataset):
+        # sharded weights: another process samples this step, and its passes gather weights from this one
+        sample(policy, tokenizer, task.train_prompts[:1], config, k=1, seed=step_seed(config.seed, step, process,
+               "sample"), rows=2 * n)
     return StepPairs(torch.tensor([routes[i] for i in dataset_pairs + online_pairs]), dataset_prompts + online_prompts,
                      Responses.cat(firsts, tokenizer.pad_token_id), Responses.cat(seconds, tokenizer.pad_token_id),
                      cut_dataset + cut_online)
@@ -362,10 +366,9 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
     start = 0
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and config.route_pp + config.route_pr > 0:
-        raise NotImplementedError("online routes (pp, pr) under FSDP / DeepSpeed: sampling during sharded training "
-                                  "hung at 2 CPU processes (LoRA, sail-pr) and is not diagnosed yet; use offline "
-                                  "routes (dpo, dp) or data parallel (accelerate_multi_gpu.yaml)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and config.route_pp + config.route_pr > 0:
+        raise NotImplementedError("online routes (pp, pr) under DeepSpeed: sampling through the engine is not "
+                                  "written; use FSDP2 (accelerate_fsdp.yaml) or data parallel")
     if resume and (out / "checkpoint.pt").exists():
         if sharded:
             raise NotImplementedError("resuming a sharded (FSDP / DeepSpeed) run is not implemented: its checkpoint "

@@ -44,3 +44,6 @@ if accelerator.is_main_process:
     torch.save({"processes": accelerator.num_processes, "engine": str(accelerator.distributed_type),
                 "sharded": sorted({type(p).__name__ for p in policy.parameters()}),
                 "weights": {n: p.detach() for n, p in gathered.items() if p.requires_grad}}, f"{out}/final.pt")
+accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()                 # a clean exit: no gloo thread left running

@@ -69,3 +69,14 @@ def test_fsdp2_lora_uses_the_disabled_adapters_as_reference_and_matches_one_proc
     assert sharded["weights"] and all("lora_" in n for n in sharded["weights"])
     assert any(bool(v.abs().max() > 0) for n, v in sharded["weights"].items() if "lora_B" in n)   # B moved off 0
     assert_close(sharded["weights"], one["weights"])
+
+
+def test_fsdp2_online_routes_sample_in_step_across_processes(tmp_path):
+    """SAIL-PR (30% online pairs) with LoRA under FSDP2 at 2 processes: each process samples its own pairs
+    (different lengths, sometimes none), so generation runs with synced_gpus and a process without online
+    pairs joins the others' passes. It must finish (without both, this run hangs: checked) and train."""
+    sharded = run(2, tmp_path / "two", "fsdp2", "lora", "preset=sail-pr", "pairs_per_step=2", "steps=8",
+                  "eval_every=4")           # 8 steps of 2 pairs: steps where one process has no online pair
+    assert sharded["processes"] == 2 and "DTensor" in sharded["sharded"]
+    assert any(bool(v.abs().max() > 0) for n, v in sharded["weights"].items() if "lora_B" in n)
+    assert all(bool(torch.isfinite(v).all()) for v in sharded["weights"].values())
