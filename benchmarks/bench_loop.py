@@ -42,6 +42,7 @@ import torch
 import transformers
 from common import EOS, PAD, build_tokenizer, random_texts
 
+from sail_min.cli import UserError, parse_set
 from sail_min.config import SAILConfig
 from sail_min.labels import RewardModelScorer
 from sail_min.sampling import truncate_prompts_left
@@ -166,15 +167,11 @@ def describe(overrides: dict) -> str:
 
 
 def parse_variant(text: str) -> dict:
-    """'generation_compile=off,cudagraph_isolation=false' -> SAILConfig overrides."""
-    fields = SAILConfig().to_dict()
-    overrides = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in fields:
-            sys.exit(f"--variant {text!r}: {key!r} is not a SAILConfig field")
-        overrides[key] = value.lower() in ("1", "true") if isinstance(fields[key], bool) else type(fields[key])(value)
-    return overrides
+    """'generation_compile=off,cudagraph_isolation=false' -> SAILConfig overrides (the CLI's --set rules)."""
+    try:
+        return parse_set(list(filter(None, text.split(","))), SAILConfig().to_dict())
+    except UserError as error:
+        sys.exit(f"--variant {text!r}: {error}")
 
 
 def main():

@@ -391,16 +391,15 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
                                                   greedy, cache, compile, model,
                                                   prompt_length and prompt_length + max_new_tokens)
 
+    if static:                                  # a bad batch_rows is the caller's error, not a fallback
+        padded_ids, padded_mask = _pad_rows(input_ids, attention_mask, batch_rows)
     was_training = model.training
     model.eval()
     try:
         if static:
             try:
-                padded_ids, padded_mask = _pad_rows(input_ids, attention_mask, batch_rows)
                 sequences = _generate(model, padded_ids, padded_mask, make_config("static"), seed)[: len(input_ids)]
             except Exception as error:          # unsupported model / device: warn once, then dynamic
-                if isinstance(error, ValueError) and "batch_rows" in str(error):
-                    raise
                 _static_cache_failed.add(model)
                 warnings.warn(f"static-cache generation failed for {type(model).__name__} on {device} "
                               f"({type(error).__name__}: {error}); using the dynamic cache for this model "

@@ -344,5 +344,7 @@ def full_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
     best["base_judge_reward"] = runs[next(iter(runs))]["base_judge_reward"]
     betas = {f"beta={beta:g}": main_job(out / f"beta{beta:g}", seeds, progress=progress, overrides={"beta": beta})
              for beta in FULL["betas"]}
-    return {"best_lr": best, "by_lr": runs, "by_beta": {**betas, "beta=0.1": runs["lr=0.0005"]},
+    from ..config import SAILConfig
+    default = SAILConfig()                         # the lr grid's run at the default lr is the default beta's
+    return {"best_lr": best, "by_lr": runs, "by_beta": {**betas, f"beta={default.beta:g}": runs[f"lr={default.lr:g}"]},
             "by_budget": budget_job(out, seeds, progress)}
