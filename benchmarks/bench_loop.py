@@ -20,7 +20,11 @@ For each method (online DPO, SAIL-PR, SAIL-PP) and each variant (a set of SAILCo
   - peak GPU memory (torch.cuda.max_memory_allocated), and, with `--t4`, the same run again with
     the process's GPU memory capped at a T4's 15 GiB (torch.cuda.set_per_process_memory_fraction).
 The variants exist to find why steps were skipped on CUDA (`cudagraph_isolation`, `generation_compile`,
-`generation_cache`, `generation_shapes`): one GPU call runs them all (`--diagnose`).
+`generation_cache`, `generation_shapes`, `cudnn_attention`): one GPU call runs them all (`--diagnose`).
+
+Before the runs, the attention check (`attention_check`) tests the likely cause directly: cuDNN's
+attention backward returning NaN query gradients for seq_len % 128 == 64 with a mask (pytorch#196678),
+on the kernel alone and through the policy's `sequence_logprobs`, with and without the loop's guard.
 
     python benchmarks/bench_loop.py                          # tiny shapes, CPU, ~1 min (run by the tests)
     python benchmarks/bench_loop.py --size real --t4 --out runs/bench_loop.json           # one GPU
@@ -29,6 +33,7 @@ The variants exist to find why steps were skipped on CUDA (`cudagraph_isolation`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -40,13 +45,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import EOS, PAD, build_tokenizer, random_texts
+from common import EOS, PAD, build_tokenizer, make_batch, random_texts
 
 from sail_min.cli import UserError, parse_set
 from sail_min.config import SAILConfig
 from sail_min.labels import RewardModelScorer
 from sail_min.sampling import truncate_prompts_left
-from sail_min.train import Task, sample, train
+from sail_min.logprobs import sequence_logprobs
+from sail_min.train import Task, attention_kernels, autocast, enable_gradient_checkpointing, sample, train
 
 SIZES = {
     "real": dict(policy=dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -65,8 +71,9 @@ SIZES = {
 }
 DIAGNOSE = [  # one change each from the default (static cache, fixed shapes, CUDA graphs, isolation on)
     {}, {"cudagraph_isolation": False}, {"generation_compile": "no-cudagraphs"}, {"generation_compile": "off"},
-    {"generation_shapes": "bucketed"}, {"generation_cache": "dynamic"},
+    {"generation_shapes": "bucketed"}, {"generation_cache": "dynamic"}, {"cudnn_attention": True},
 ]
+CHECK_LENGTHS = (320, 384)                # 320 = 2 x 128 + 64: the lengths pytorch#196678 fails at; 384: a control
 T4_BYTES = 15 * 2**30                     # a T4's 16 GB card shows ~15 GiB to torch
 
 
@@ -96,6 +103,67 @@ def build_task(size: dict, judge, seed: int = 0) -> Task:
     chosen, rejected = (random_texts(size["preferences"], size["response_tokens"], vocab, g) for _ in range(2))
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(preference_prompts, chosen, rejected)]
     return Task(rows, prompts(size["train_prompts"]), prompts(size["eval_prompts"]), judge)
+
+
+def attention_check(size: dict, device: torch.device) -> list[dict]:
+    """Non-finite gradient values of one attention backward, per length in CHECK_LENGTHS:
+
+    kernel  `scaled_dot_product_attention` alone (bf16, 14 heads of 64, a boolean mask): rows with left
+            padding (query rows with nothing to attend to), and unpadded rows whose logits are all about
+            -100 (every logsumexp below -88.7); with cuDNN forced, PyTorch's own choice, and its choice
+            under the loop's guard (`attention_kernels`, cudnn_attention=False). CUDA only.
+    policy  `sequence_logprobs` of the policy (LoRA, bf16 autocast, gradient checkpointing) on
+            2 x pairs_per_step left-padded rows, forward and backward, cudnn_attention True / False."""
+    results = []
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        choices = {"cudnn forced": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]),
+                   "default": contextlib.nullcontext,
+                   "default, guard on": lambda: attention_kernels(SAILConfig(cudnn_attention=False))}
+        for length in CHECK_LENGTHS:
+            for case in ("left padding", "logits ~ -100"):
+                g = torch.Generator(device).manual_seed(length)
+                q, k, v = (torch.randn(2, 14, length, 64, device=device, generator=g).to(torch.bfloat16)
+                           for _ in range(3))
+                keep = torch.ones(2, length, dtype=torch.bool, device=device)
+                if case == "left padding":
+                    keep[0, : length // 3] = False                                 # row 0: a third is padding
+                else:                                                          # q.k / 8 = -100 at every pair
+                    q[..., 0], k[..., 0] = 1.0, -800.0
+                mask = torch.ones(length, length, dtype=torch.bool, device=device).tril() & keep[:, None, None, :]
+                for name, choice in choices.items():
+                    q_ = q.clone().requires_grad_()
+                    try:
+                        with choice():
+                            out = torch.nn.functional.scaled_dot_product_attention(q_, k, v, attn_mask=mask)
+                            out.backward(torch.ones_like(out))
+                        bad = int((~torch.isfinite(q_.grad)).sum())
+                    except RuntimeError as error:                             # cuDNN not available here
+                        bad = f"unavailable ({str(error).splitlines()[0][:60]})"
+                    results.append({"check": "kernel", "length": length, "case": case, "kernels": name,
+                                    "nonfinite_grad_values": bad})
+    policy, tokenizer, judge = build_models(size, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    del judge
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")    # inside peft
+    enable_gradient_checkpointing(policy)
+    policy.train()
+    rows, vocab = 2 * size["pairs_per_step"], size["policy"]["vocab_size"]
+    for length in CHECK_LENGTHS:
+        batch = make_batch(rows, length, length - size["max_new_tokens"], vocab, device,
+                           torch.Generator().manual_seed(length))
+        for allowed in (True, False):
+            config = SAILConfig(mixed_precision="bf16" if device.type == "cuda" else "no", cudnn_attention=allowed)
+            policy.zero_grad(set_to_none=True)
+            with autocast(config, device), attention_kernels(config):
+                logps = sequence_logprobs(policy, *batch)
+            with attention_kernels(config):
+                logps.sum().backward()
+            bad = sum(int((~torch.isfinite(p.grad)).sum()) for p in policy.parameters() if p.grad is not None)
+            results.append({"check": "policy", "length": length, "case": f"{rows} left-padded rows",
+                            "kernels": f"cudnn_attention={allowed}", "nonfinite_grad_values": bad,
+                            "logps_finite": bool(torch.isfinite(logps).all())})
+    del policy
+    return results
 
 
 def run(method: str, overrides: dict, size: dict, device: torch.device, steps: int, out: Path, cap: int | None) -> dict:
@@ -184,6 +252,7 @@ def main():
                         help="SAILConfig overrides of one variant (repeat for several; default: the defaults)")
     parser.add_argument("--diagnose", action="store_true", help="the variants that isolate the skip's cause")
     parser.add_argument("--t4", action="store_true", help="also run each method with GPU memory capped at 15 GiB")
+    parser.add_argument("--no-attention-check", action="store_true", help="skip the cuDNN attention check")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="write every number to this JSON file")
     args = parser.parse_args()
@@ -197,6 +266,12 @@ def main():
     print(f"bench_loop: size {args.size}, {steps} steps/run, device {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    checks = [] if args.no_attention_check else attention_check(size, device)
+    if checks:
+        print(f"\n{'check':7s} {'length':>6s} {'case':22s} {'kernels':24s} non-finite gradient values")
+        for c in checks:
+            print(f"{c['check']:7s} {c['length']:6d} {c['case']:22s} {c['kernels']:24s} {c['nonfinite_grad_values']}")
+        print(flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for overrides in variants:
@@ -224,7 +299,8 @@ def main():
             print(f"first skip, {r['method']} {describe(r['overrides'])}: {r['first_skip']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"size": args.size, "device": str(device), "results": results}, indent=1))
+        args.out.write_text(json.dumps({"size": args.size, "device": str(device), "attention_check": checks,
+                                         "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,23 @@ def autocast(config: SAILConfig, device: torch.device):
     """torch.autocast for ``config.mixed_precision`` ("no" = a disabled context: plain fp32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@contextmanager
+def attention_kernels(config: SAILConfig):
+    """PyTorch's cuDNN attention kernel off inside (unless ``config.cudnn_attention``), restored on exit.
+
+    Its backward on H100/H200 returns NaN query gradients (the forward is fine, so is the loss) when
+    an attention mask is passed, seq_len % 128 == 64 and a row's logsumexp is below -88.7 = -ln(FLT_MAX):
+    pytorch/pytorch#196678. Both the forward and the backward must run inside: the kernel of the
+    backward is chosen in the forward, except under gradient checkpointing, which re-runs the
+    attention forward during backward. The flag is process-global (no effect on a CPU)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(before and config.cudnn_attention)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def sample(model, tokenizer, prompts: Sequence, config: SAILConfig, k: int, seed: int, rows: int,
@@ -193,7 +211,7 @@ def pair_inputs(pairs: StepPairs) -> dict[str, torch.Tensor]:
 def _score(policy, reference: ReferenceModel, inputs: dict, n: int, config: SAILConfig) -> PairLogps:
     device = next(policy.parameters()).device
     inputs = {key: value.to(device) for key, value in inputs.items()}
-    with autocast(config, device):
+    with autocast(config, device), attention_kernels(config):
         policy_logps = sequence_logprobs(policy, **inputs)
         ref_logps = reference.logprobs(**inputs)
     return PairLogps(policy_logps[:n], policy_logps[n:], ref_logps[:n], ref_logps[n:])
@@ -256,8 +274,9 @@ def term_gradient_norms(loss: SAILLoss, policy, routes: torch.Tensor, config: SA
         return norms                                   # grad_norm/dpo = the step's grad_norm
     params = [p for p in policy.parameters() if p.requires_grad]
     for name in ("dpo", *(name for name, on in active.items() if on)):
-        grads = [g for g in torch.autograd.grad(loss.parts[name], params, retain_graph=True, allow_unused=True)
-                 if g is not None]
+        with attention_kernels(config):
+            grads = [g for g in torch.autograd.grad(loss.parts[name], params, retain_graph=True, allow_unused=True)
+                     if g is not None]
         norms[f"grad_norm/{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item() if grads else 0.0
     return norms
 
@@ -272,14 +291,16 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, sc
     or None (and leaves the weights untouched) if the loss or any gradient on any process is not finite."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return deepspeed_step(loss, optimizer, accelerator)
+        with attention_kernels(config):
+            return deepspeed_step(loss, optimizer, accelerator)
     if accelerator.num_processes > 1 and not has_engine(policy):
         raise RuntimeError("several processes but the policy has no engine to average its gradients: "
                            "prepare it as train() does (_prepare)")
     optimizer.zero_grad(set_to_none=True)
     finite, unscaled = bool(torch.isfinite(loss)), False
     if finite:
-        (scaler.scale(loss) if scaler else loss).backward()                   # the engine averages here
+        with attention_kernels(config):                                       # checkpointing re-runs attention here
+            (scaler.scale(loss) if scaler else loss).backward()               # the engine averages here
         if scaler:
             scaler.unscale_(optimizer)
             unscaled = True
@@ -360,7 +381,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     policy.to(accelerator.device).train()
     reference = ReferenceModel(policy)                       # pi_ref = the policy as it starts
     if config.gradient_checkpointing:
-        _enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(policy)
     optimizer = _make_optimizer(config, [p for p in policy.parameters() if p.requires_grad])
     scaler = torch.amp.GradScaler(accelerator.device.type) if config.mixed_precision == "fp16" else None
     counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
@@ -510,12 +531,13 @@ def replay_skipped_step(path: str | Path, policy) -> dict:
     policy.load_state_dict(state["trainable"], strict=False)
     policy.train()
     if config.gradient_checkpointing:
-        _enable_gradient_checkpointing(policy)
+        enable_gradient_checkpointing(policy)
     logps = _score(policy, reference, state["inputs"], len(state["routes"]), config)
     loss = pair_loss(logps, PairLabels(state["first_is_chosen"]), state["routes"], config)
     policy.zero_grad(set_to_none=True)
     if torch.isfinite(loss.loss):
-        loss.loss.backward()
+        with attention_kernels(config):
+            loss.loss.backward()
     return {"loss": loss.loss.item(),
             "nonfinite_logp_rows": {k: (~torch.isfinite(v.detach())).nonzero().flatten().tolist()
                                     for k, v in vars(logps).items()},
@@ -541,7 +563,8 @@ def _make_optimizer(config: SAILConfig, params):
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _enable_gradient_checkpointing(policy) -> None:
+def enable_gradient_checkpointing(policy) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (what ``gradient_checkpointing`` turns on)."""
     enable = getattr(policy, "activation_checkpointing_enable", None)      # transformers >= 5.x name
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})

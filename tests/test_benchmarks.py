@@ -38,3 +38,7 @@ def test_bench_loop_tiny_runs_the_whole_loop_and_reports_skips_and_compilations(
         assert r["steps"] == 4 and r["skipped_steps"] == 0 and r["compilations"] == 0   # CPU: nothing compiles
         assert r["generate_s"] > 0 and r["train_s"] > 0 and r["evaluate_s"] > 0
     assert "skipped" in proc.stdout and "graphs" in proc.stdout
+    checks = json.loads(out.read_text())["attention_check"]                  # CPU: the policy half only
+    assert [(c["length"], c["kernels"]) for c in checks] == [
+        (length, f"cudnn_attention={allowed}") for length in (320, 384) for allowed in (True, False)]
+    assert all(c["nonfinite_grad_values"] == 0 and c["logps_finite"] for c in checks)

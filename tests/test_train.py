@@ -276,3 +276,33 @@ def test_expected_self_labels_and_per_term_gradient_norms_are_logged(sentiment, 
     assert {"grad_norm/dpo", "grad_norm/response", "grad_norm/label"} <= set(last)     # at evaluation steps
     assert last["grad_norm/label"] > 0 and last["grad_norm"] > 0 and isinstance(last["clipped"], bool)
     assert "grad_norm/dpo" not in history[0]                                            # step 0: no evaluation
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_the_training_step_runs_attention_without_cudnn_in_forward_backward_and_recompute(sentiment, tmp_path, allowed):
+    """cuDNN's attention backward returns NaN query gradients on H100/H200 for seq_len % 128 == 64 with
+    a mask (pytorch#196678): the GPU skips of issue 8. The kernel cannot run on a CPU, so this checks the
+    guard itself: every attention call of a training pass (forward, the checkpointed recompute during
+    backward, the per-term gradients) and every attention gradient sees the flag off; with
+    ``cudnn_attention=True`` it stays on, and the process-wide flag is restored after the run."""
+    policy, tokenizer = load_base_model()
+    seen = {"forward": [], "backward": []}
+
+    def record(module, inputs, output):
+        if torch.is_grad_enabled():                  # training passes only (sampling and scoring run without grad)
+            seen["forward"].append(torch.backends.cuda.cudnn_sdp_enabled())
+            output[0].register_hook(lambda grad: seen["backward"].append(torch.backends.cuda.cudnn_sdp_enabled()))
+
+    handles = [layer.self_attn.register_forward_hook(record) for layer in policy.model.layers]
+    config = SAILConfig.preset("sail-pr", **{**SMALL, "steps": 2, "eval_every": 1}, gradient_checkpointing=True,
+                               cudnn_attention=allowed, output_dir=str(tmp_path))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    history = train(config, policy, tokenizer, make_task(sentiment), progress=False)
+    for handle in handles:
+        handle.remove()
+    assert torch.backends.cuda.cudnn_sdp_enabled()                              # restored
+    assert history[-1]["skipped_steps"] == 0 and "grad_norm/response" in history[-1]
+    layers = len(policy.model.layers)
+    assert len(seen["forward"]) >= 2 * 2 * layers          # 2 steps x (forward + recompute) per layer, at least
+    assert len(seen["backward"]) >= 2 * layers
+    assert set(seen["forward"]) == set(seen["backward"]) == {allowed}
