@@ -252,6 +252,9 @@ def main():
                         help="SAILConfig overrides of one variant (repeat for several; default: the defaults)")
     parser.add_argument("--diagnose", action="store_true", help="the variants that isolate the skip's cause")
     parser.add_argument("--t4", action="store_true", help="also run each method with GPU memory capped at 15 GiB")
+    parser.add_argument("--t4-only", action="store_true", help="run each method only with the 15 GiB cap")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no run that the slowest run so far says would end after this many seconds")
     parser.add_argument("--no-attention-check", action="store_true", help="skip the cuDNN attention check")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="write every number to this JSON file")
@@ -266,7 +269,16 @@ def main():
     print(f"bench_loop: size {args.size}, {steps} steps/run, device {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}), "
           f"torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    started = time.perf_counter()
+
+    def save(checks, results):                        # after every run: a killed call keeps what it measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"size": args.size, "device": str(device), "attention_check": checks,
+                                            "results": results}, indent=1))
+
     checks = [] if args.no_attention_check else attention_check(size, device)
+    save(checks, [])
     if checks:
         print(f"\n{'check':7s} {'length':>6s} {'case':22s} {'kernels':24s} non-finite gradient values")
         for c in checks:
@@ -274,13 +286,23 @@ def main():
         print(flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        caps = ([T4_BYTES] if args.t4_only else [None, T4_BYTES] if args.t4 else [None]) if device.type == "cuda" else [None]
+        slowest = 0.0
         for overrides in variants:
             for method in args.methods.split(","):
-                for cap in ([None, T4_BYTES] if args.t4 and device.type == "cuda" else [None]):
+                for cap in caps:
+                    elapsed = time.perf_counter() - started
+                    if args.budget_s is not None and elapsed + slowest > args.budget_s:
+                        print(f"not run (--budget-s {args.budget_s:g}): {method} {describe(overrides)}"
+                              f"{' T4' if cap else ''}", flush=True)
+                        continue
                     out = Path(tmp) / f"{method}-{len(results)}"
+                    run_start = time.perf_counter()
                     result = run(method, overrides, size, device, steps, out, cap) | {"t4_cap": bool(cap)}
+                    slowest = max(slowest, time.perf_counter() - run_start)
                     results.append(result)
                     print(json.dumps(result), flush=True)
+                    save(checks, results)
     head = (f"{'method':11s} {'variant':38s} {'T4':>3s} {'step s':>7s} {'gen':>6s} {'label':>6s} {'train':>6s} "
             f"{'eval s':>7s} {'graphs':>6s} {'comp s':>7s} {'skipped':>7s} {'peak GiB':>8s} {'gen/alone':>9s}")
     print("\n" + head + "\n" + "-" * len(head))
@@ -297,10 +319,6 @@ def main():
     for r in results:
         if r.get("first_skip"):
             print(f"first skip, {r['method']} {describe(r['overrides'])}: {r['first_skip']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"size": args.size, "device": str(device), "attention_check": checks,
-                                         "results": results}, indent=1))
 
 
 if __name__ == "__main__":

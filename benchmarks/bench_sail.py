@@ -245,13 +245,13 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
     eos_ids = eos_token_ids(model, tokenizer)
     prompt_length = input_ids.shape[1]
 
-    def plain(greedy=False):
-        config = generation_config(tokenizer, eos_ids, new_tokens, greedy=greedy)       # dynamic cache
+    def plain(greedy=False, tokens=new_tokens):
+        config = generation_config(tokenizer, eos_ids, tokens, greedy=greedy)       # dynamic cache
         with torch.no_grad():
             return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
 
-    def sampler(cache, greedy=False, seed=0):
-        return sample_responses(model, tokenizer, prompts, k=k, max_new_tokens=new_tokens, seed=seed,
+    def sampler(cache, greedy=False, seed=0, tokens=new_tokens):
+        return sample_responses(model, tokenizer, prompts, k=k, max_new_tokens=tokens, seed=seed,
                                 greedy=greedy, cache_implementation=cache)
 
     def seconds_and_tokens(fn):
@@ -272,9 +272,16 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
         sampler("static")
     graphs_warm = dynamo_graphs()
     runs = alternate({"generate": plain, "sampler_dynamic": lambda: sampler(None),
+                      "sampler_dynamic_unseeded": lambda: sampler(None, seed=None),
                       "sampler_static": lambda: sampler("static")}, repeats, seconds_and_tokens)
     result = {name: statistics.median(tokens / seconds for seconds, tokens in r) for name, r in runs.items()}
     steady_static_s = statistics.median(seconds for seconds, _ in runs["sampler_static"])
+    # The sampler's own per-call work (tokenising prompts, forking the RNG, cutting at EOS, decoding texts):
+    # one new token each, where the model's share is smallest. Per token both run the same processors.
+    one_token = alternate({"generate": lambda: plain(tokens=1), "sampler": lambda: sampler(None, tokens=1)},
+                          max(repeats, 3), lambda fn: timed(fn, device)[0])
+    per_call_s = statistics.median(one_token["sampler"]) - statistics.median(one_token["generate"])
+    plain_call_s = statistics.median(seconds for seconds, _ in runs["generate"])
 
     # an optimizer step changes the weights in place; the next static call must not compile again
     before = model.get_decoder().layers[0].mlp.down_proj.weight.detach().clone()
@@ -300,6 +307,9 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
     result.update({
         "rows": rows, "new_tokens": new_tokens, "prompt_tokens": prompt_length,
         "sampler_dynamic_vs_generate": result["sampler_dynamic"] / result["generate"],
+        "sampler_unseeded_vs_generate": result["sampler_dynamic_unseeded"] / result["generate"],
+        "sampler_per_call_overhead_s": per_call_s,
+        "sampler_vs_generate_from_overhead": plain_call_s / (plain_call_s + per_call_s),
         "sampler_static_vs_generate": result["sampler_static"] / result["generate"],
         "static_compiled": compiled, "static_fell_back_to_dynamic": fell_back,
         "static_first_call_s": first_static_s, "static_steady_call_s": steady_static_s,
@@ -465,6 +475,11 @@ def main():
     for cache in ("dynamic", "static"):
         print(f"    sampler, {cache + ' cache':<21} {gen[f'sampler_{cache}']:10.0f}   "
               f"{gen[f'sampler_{cache}_vs_generate']:.2f}x")
+    print(f"    sampler, {'dynamic, no seed':<21} {gen['sampler_dynamic_unseeded']:10.0f}   "
+          f"{gen['sampler_unseeded_vs_generate']:.2f}x")
+    print(f"    sampler's own work per call (1-token calls, sampler - generate): "
+          f"{gen['sampler_per_call_overhead_s'] * 1e3:.1f} ms, which alone would give "
+          f"{gen['sampler_vs_generate_from_overhead']:.3f}x at this size")
     print(f"    static cache: compiled by transformers: {gen['static_compiled']}, fell back to dynamic: "
           f"{gen['static_fell_back_to_dynamic']}; first call {gen['static_first_call_s']:.2f} s "
           f"= {gen['static_first_vs_steady']:.1f}x a steady call ({gen['static_steady_call_s']:.3f} s)")
