@@ -121,7 +121,9 @@ class SAILConfig:
     a multiple of 64 tokens and rows to a power of two (less padding, a compilation per new shape)"""
     generation_compile: str = "cudagraphs"
     """static cache on a GPU: "cudagraphs" (transformers' default, torch.compile mode reduce-overhead),
-    "no-cudagraphs" (torch.compile without CUDA graphs) or "off" (static cache, no compilation)"""
+    "no-cudagraphs" (torch.compile without CUDA graphs) or "off" (static cache, no compilation); and
+    "eager-backend" (torch.compile's eager backend, on a CPU too: the same tracing and guards, so the
+    same compilations, without generating kernels: how the tests count compilations on a CPU)"""
     cudagraph_isolation: bool = True
     """copy what generate returns and start a new CUDA-graph step before training, so no later graph
     replay can overwrite a tensor the loss still reads (switch off only to diagnose)"""
@@ -168,11 +170,11 @@ class SAILConfig:
                               ("optimizer", ("adamw", "rmsprop")), ("text_prompts", ("chat", "text")),
                               ("self_labels", ("sampled", "expected")), ("generation_cache", ("dynamic", "static")),
                               ("generation_shapes", ("fixed", "bucketed")),
-                              ("generation_compile", ("cudagraphs", "no-cudagraphs", "off")),
+                              ("generation_compile", ("cudagraphs", "no-cudagraphs", "eager-backend", "off")),
                               ("mixed_precision", ("no", "bf16", "fp16"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        for name in ("cudagraph_isolation", "gradient_checkpointing"):
+        for name in ("cudagraph_isolation", "gradient_checkpointing", "cudnn_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (number(self.public_hook_scale) and self.public_hook_scale > 0):

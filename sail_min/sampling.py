@@ -78,7 +78,12 @@ NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
 UNTRUNCATED = dict(top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **NEUTRAL)
 
 CACHE_IMPLEMENTATIONS = (None, "static")
-COMPILE_MODES = {"cudagraphs": "reduce-overhead", "no-cudagraphs": "default", "off": None}
+COMPILE_MODES = {                          # generation_compile -> transformers' CompileConfig arguments
+    "cudagraphs": dict(mode="reduce-overhead"),               # transformers' default: inductor + CUDA graphs
+    "no-cudagraphs": dict(mode="default"),                    # inductor, no CUDA graphs
+    "eager-backend": dict(backend="eager", mode=None),        # dynamo's tracing and guards only, any device
+    "off": None,
+}
 STATIC_PROMPT_BUCKET = 64   # static cache, no prompt_length given: prompts padded to a multiple of this
 _static_cache_failed = weakref.WeakSet()   # models whose static-cache `generate` raised: dynamic from then on
 
@@ -309,11 +314,18 @@ def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int = 64, t
         sampling["min_p"] = 0.0                     # the model's config sets min_p: neutralise it
     on_cpu = model is not None and next(model.parameters()).device.type == "cpu"   # transformers compiles on GPUs only
     compiled = dict(disable_compile=True) if not COMPILE_MODES[compile] else \
-        {} if on_cpu else dict(compile_config=CompileConfig(mode=COMPILE_MODES[compile]))
+        {} if on_cpu and compile != "eager-backend" else dict(compile_config=_compile_config(compile))
     return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True,
                             cache_implementation=cache_implementation,
                             **(dict(compiled, max_cache_len=max_cache_len) if cache_implementation == "static" else {}))
+
+
+def _compile_config(compile: str) -> CompileConfig:
+    config = CompileConfig(**COMPILE_MODES[compile])
+    if compile == "eager-backend":        # also on a CPU: counts (re)compilations where nothing else compiles
+        config._compile_all_devices = True  # transformers' own switch for that (its tests use it)
+    return config
 
 
 def static_cache_failed(model) -> bool:

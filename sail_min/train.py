@@ -398,8 +398,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         start, counters = restore(state, policy, optimizer, scaler, config=config.to_dict(), path=out / "checkpoint.pt")
     policy, optimizer = prepare(policy, optimizer, reference, accelerator)   # DDP / FSDP2 / DeepSpeed; 1 process: as is
     history = _open_metrics(out, config, start, resume) if main else []
+    compiled_before = compile_stats()                                   # the run's compilations, from here
     baseline_scores = reference_scores(reference, tokenizer, task, config)
-    compiled_before = compile_stats()
     judge_truncated_before = getattr(task.judge, "truncated", 0)      # judge inputs cut to its length
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not (progress and main),

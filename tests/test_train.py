@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -306,3 +307,42 @@ def test_the_training_step_runs_attention_without_cudnn_in_forward_backward_and_
     assert len(seen["forward"]) >= 2 * 2 * layers          # 2 steps x (forward + recompute) per layer, at least
     assert len(seen["backward"]) >= 2 * layers
     assert set(seen["forward"]) == set(seen["backward"]) == {allowed}
+
+
+
+def lora_policy():
+    """The tiny policy with LoRA adapters (as notebook 06 trains): its reference is the adapter-disabled base."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    policy, tokenizer = load_base_model()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    return peft.get_peft_model(policy, lora), tokenizer
+
+
+def compilations(sentiment, tmp_path, shapes: str) -> list[int]:
+    """compile/graphs after each step of a 6-step LoRA SAIL-PR run on training prompts of 20-200 tokens (as
+    notebook 06's), static cache compiled by dynamo's eager backend: the same tracing and guards as on a GPU,
+    so the same compilations, on the CPU (CUDA graphs' re-recordings are not counted)."""
+    long_prompts = [("the " * (10 + (37 * i) % 180)) + prompt for i, prompt in enumerate(sentiment.train_prompts[:64])]
+    task = Task(sentiment.preferences()[:64], long_prompts, sentiment.eval_prompts, sentiment.judge,
+                sentiment.bt_temperature)
+    torch.compiler.reset()                                   # graphs of earlier tests would be reused
+    config = SAILConfig.preset("sail-pr", **{**SMALL, "steps": 6, "eval_every": 3}, max_prompt_tokens=256,
+                               generation_cache="static", generation_compile="eager-backend",
+                               generation_shapes=shapes, output_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ignoring extra kwargs.*")   # the eager backend has no modes
+        history = train(config, *lora_policy(), task, progress=False)
+    torch.compiler.reset()
+    assert history[-1]["skipped_steps"] == 0
+    return [h["compile/graphs"] for h in history]
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
+def test_fixed_generation_shapes_compile_at_most_twice_per_run_whatever_the_routing(sentiment, tmp_path):
+    """Issue 8's bound: SAIL-PR's online prompts vary in number and length from step to step; fixed shapes pad
+    every training sample to one shape and every evaluation to another, and nothing else may recompile (a guard
+    on the model's mode, dtype or adapters would). Measured on the CPU, "bucketed" shapes also stopped at 2 here:
+    dynamo's second graph takes dynamic sizes; on a GPU each new size of such a graph records new CUDA graphs."""
+    graphs = compilations(sentiment, tmp_path, "fixed")
+    assert 1 <= graphs[-1] <= 2 and graphs == sorted(graphs)
