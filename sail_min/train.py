@@ -519,14 +519,16 @@ def explain_skipped_step(path: Path, pairs: StepPairs, logps: PairLogps, labels:
             "skip/nonfinite_grads": bad_grads[:20], "skip/inputs": str(path)}
 
 
-def replay_skipped_step(path: str | Path, policy) -> dict:
+def replay_skipped_step(path: str | Path, policy, **overrides) -> dict:
     """Recompute a skipped step from its saved inputs on ``policy`` (built as for the run: the same
     base model, LoRA included), with the trainable weights as they were; return what is non-finite.
+    ``overrides`` change the run's settings for the replay, one suspect at a time, e.g.
+    ``cudnn_attention=True`` (PyTorch's cuDNN attention kernel), ``mixed_precision="no"`` (fp32).
 
         from sail_min.train import replay_skipped_step; print(replay_skipped_step("outputs/run/skipped/step_000012.pt", policy))
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    config = SAILConfig.from_dict(state["config"])
+    config = SAILConfig.from_dict({**state["config"], **overrides})
     reference = ReferenceModel(policy)                 # a PEFT policy: its base; else the weights as loaded
     policy.load_state_dict(state["trainable"], strict=False)
     policy.train()

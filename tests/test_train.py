@@ -158,6 +158,16 @@ def test_a_skipped_step_says_what_was_non_finite_and_replays(sentiment, tmp_path
     replay = replay_skipped_step(saved, policy)
     assert torch.isfinite(torch.tensor(replay["loss"])) and replay["nonfinite_grads"] == []
     assert not any(replay["nonfinite_logp_rows"].values())
+    kernels = []                                             # one suspect at a time: the run's settings overridden
+    handle = policy.model.layers[0].self_attn.register_forward_hook(
+        lambda module, inputs, output: kernels.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    replay_skipped_step(saved, policy)
+    as_run, kernels[:] = set(kernels), []
+    replay_skipped_step(saved, policy, cudnn_attention=True)
+    handle.remove()
+    assert as_run == {False} and set(kernels) == {True}
+    with pytest.raises(ValueError, match="mixed_precision"):
+        replay_skipped_step(saved, policy, mixed_precision="fp8")
 
 
 def test_missing_data_for_a_route_is_a_clear_error(sentiment, tmp_path):
