@@ -235,17 +235,26 @@ def test_mixed_precision_and_gradient_checkpointing_paths_run(sentiment, tmp_pat
     assert history[-1]["skipped_steps"] == 0 and torch.isfinite(torch.tensor(history[-1]["loss"]))
 
 
-def test_static_generation_cache_gives_the_same_run_as_the_dynamic_one_for_a_fixed_batch(sentiment, tmp_path):
+@pytest.mark.parametrize("compile", ["off", "eager-backend"])
+def test_static_generation_cache_gives_the_same_run_as_the_dynamic_one_for_a_fixed_batch(sentiment, tmp_path, compile):
     """online DPO samples 4 prompts x 2 = 8 rows every step: no padding rows, so the same samples;
-    the static path left-pads prompts further, which moves log-probs by float round-off only."""
+    the static path left-pads prompts further, which moves log-probs by float round-off only. Also with the
+    static path traced by torch.compile (dynamo's eager backend: its graphs, no kernels)."""
     runs = {}
+    torch.compiler.reset()
     for cache in ("dynamic", "static"):
         config = SAILConfig.preset("online-dpo", **{**SMALL, "steps": 2, "pairs_per_step": 4},
-                                   generation_cache=cache, output_dir=str(tmp_path / cache))
-        runs[cache] = strip_timing(train(config, *load_base_model(), make_task(sentiment), progress=False))
+                                   generation_cache=cache, generation_compile=compile, output_dir=str(tmp_path / cache))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ignoring extra kwargs.*")   # the eager backend has no modes
+            runs[cache] = strip_timing(train(config, *load_base_model(), make_task(sentiment), progress=False))
+    torch.compiler.reset()
+    assert runs["static"][-1]["compile/graphs"] == (1 if compile == "eager-backend" else 0)   # 8 rows, eval too
     for static, dynamic in zip(runs["static"], runs["dynamic"]):
         assert static.keys() == dynamic.keys()
         for key, value in dynamic.items():
+            if key.startswith("compile/"):
+                continue
             if isinstance(value, float):
                 assert static[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
             else:
