@@ -134,9 +134,9 @@ class SAILConfig:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~1.3-1.8x slower steps"""
     cudnn_attention: bool = False
-    """let PyTorch pick its cuDNN attention kernel in the training forward and backward. Off by default:
-    on H100/H200 (reported for torch 2.11 to 2.13) its backward returns NaN query gradients when a mask is passed (any
-    padding), seq_len % 128 == 64 and some row's logsumexp is below -88.7 (pytorch#196678, TRL#7181);
+    """let PyTorch pick its cuDNN attention kernel in the training forward and backward. Off by default: on
+    H100/H200 (reported for torch 2.11 to 2.13) its backward returns NaN query gradients when a mask is passed
+    (any padding), seq_len % 128 == 64 and some row's logsumexp is below -88.7 (pytorch#196678, TRL#7181);
     the flash / memory-efficient kernels take over. Sampling and evaluation are not affected"""
 
     # ---- evaluation and bookkeeping -----------------------------------------------------
