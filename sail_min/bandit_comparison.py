@@ -302,8 +302,7 @@ def plot_bandit_comparison(results: dict, methods=None, path=None):
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(label)
     axes[0].set_yscale("log")
-    axes[1].axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
-    axes[1].axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
+    _mark_optimum_and_reference(axes[1], results)
     axes[1].legend(fontsize=7)
     fig.suptitle(f"bandit, {results['headline_budget']} oracle labels per prompt: mean over "
                  f"{results['setup']['n_seeds']} seeds, band = +- 1 std", y=1.02)
@@ -311,6 +310,12 @@ def plot_bandit_comparison(results: dict, methods=None, path=None):
     if path:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
+
+
+def _mark_optimum_and_reference(ax, results):
+    """Horizontal lines at the true reward of pi* and of pi_ref."""
+    ax.axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
+    ax.axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
 
 
 BUDGET_PLOT_METHODS = ["offline DPO", "online DPO", "iterative DPO (4 rounds)"]
@@ -349,8 +354,7 @@ def plot_budgets(results: dict, methods=None, path=None):
         _budget_axis(ax, budgets)
         ax.set_ylabel(label)
     top[0].set_yscale("log")
-    top[1].axhline(results["optimal_reward"], color="k", ls="--", lw=1, label="pi* (optimum)")
-    top[1].axhline(results["reference_reward"], color="gray", ls=":", lw=1, label="pi_ref")
+    _mark_optimum_and_reference(top[1], results)
     top[0].legend(fontsize=8)
     top[1].legend(fontsize=8)
     for col, (title, variants) in enumerate(CONTROL_PANELS):

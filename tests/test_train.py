@@ -108,23 +108,23 @@ def killed_then_resumed(config, load_policy, task):
     return train(config, *load_policy(), task, resume=True, progress=False)
 
 
+def lora_policy():
+    """The tiny policy with LoRA adapters (as notebook 06 trains): its reference is the adapter-disabled base."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    policy, tokenizer = load_base_model()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    return peft.get_peft_model(policy, lora), tokenizer
+
+
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
 def test_lora_run_checkpoints_only_the_adapters_and_resumes_exactly(sentiment, tmp_path):
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tiny = Path(ROOT) / "data" / "tiny" / "policy"
-
-    def load_lora_policy():
-        torch.manual_seed(0)
-        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-        return peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny), lora), AutoTokenizer.from_pretrained(tiny)
-
     task = make_task(sentiment)
     config = SAILConfig.preset("sail-pr", **SMALL, max_new_tokens=8, output_dir=str(tmp_path / "full"))
-    full = train(config, *load_lora_policy(), task, progress=False)
+    full = train(config, *lora_policy(), task, progress=False)
     saved = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     assert saved and all("lora_" in name for name in saved)                 # adapters only, no base copy
-    resumed = killed_then_resumed(config.replace(output_dir=str(tmp_path / "resumed")), load_lora_policy, task)
+    resumed = killed_then_resumed(config.replace(output_dir=str(tmp_path / "resumed")), lora_policy, task)
     assert strip_timing(resumed) == strip_timing(full)
 
 
@@ -327,15 +327,6 @@ def test_the_training_step_runs_attention_without_cudnn_in_forward_backward_and_
     assert len(seen["backward"]) >= 2 * layers
     assert set(seen["forward"]) == set(seen["backward"]) == {allowed}
 
-
-
-def lora_policy():
-    """The tiny policy with LoRA adapters (as notebook 06 trains): its reference is the adapter-disabled base."""
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    policy, tokenizer = load_base_model()
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-    return peft.get_peft_model(policy, lora), tokenizer
 
 
 def compilations(sentiment, tmp_path, shapes: str) -> list[int]:
