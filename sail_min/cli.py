@@ -108,9 +108,10 @@ def load_policy(name: str, lora_rank: int | None, dtype, seed: int, say):
     _check_source("--model", name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model, loading = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as error:            # not found, offline, not a causal LM
         raise UserError(f"--model {name}: cannot load a causal language model ({_one_line(error)})") from None
+    check_causal_lm(name, model, loading)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"--model {name}: the tokenizer has neither a pad nor an EOS token; add a pad token")
@@ -127,6 +128,46 @@ def load_policy(name: str, lora_rank: int | None, dtype, seed: int, say):
     say(f"policy: {name}, {total / 1e6:.2f} M parameters, {trainable / 1e6:.3f} M trainable"
         + (f" (LoRA rank {lora_rank})" if lora_rank else ""))
     return model, tokenizer
+
+
+def check_causal_lm(name: str, model, loading: dict) -> None:
+    """Refuse a checkpoint that is not a trained causal LM: transformers loads a sequence classifier
+    as AutoModelForCausalLM with a newly initialised lm_head and only prints a table about it."""
+    architectures = getattr(model.config, "architectures", None) or []
+    heads = [a for a in architectures if not a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))]
+    if heads and len(heads) == len(architectures):
+        raise UserError(f"--model {name}: is a {', '.join(heads)} checkpoint, not a causal language model "
+                        f"(its lm_head would be random); give a causal LM, e.g. an instruct model")
+    output = model.get_output_embeddings()
+    missing = [key for key in loading.get("missing_keys", ()) if output is not None and any(
+        key.endswith(f"{prefix}.{suffix}") for prefix in ("lm_head",) for suffix in ("weight", "bias"))]
+    if missing:
+        raise UserError(f"--model {name}: the checkpoint has no {', '.join(sorted(missing))}: the lm_head would be "
+                        f"newly initialised (random); give a trained causal language model")
+
+
+class JudgeError(RuntimeError):
+    """The user's judge raised: carries the judge's name and what it raised."""
+
+
+class NamedJudge:
+    """The user's judge, unchanged, except that an exception it raises becomes a JudgeError that names
+    the judge (``--judge SPEC raised ...``); attributes (e.g. a reward model's ``truncated``) pass through."""
+
+    def __init__(self, spec: str, judge):
+        self.spec, self.judge = spec, judge
+
+    def __call__(self, prompts, responses):
+        try:
+            return self.judge(prompts, responses)
+        except Exception as error:
+            raise JudgeError(f"--judge {self.spec} raised {error!r}") from error
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["judge"], name)
+
+    def __repr__(self) -> str:
+        return repr(self.judge)
 
 
 def load_judge(spec: str, device, dtype, say):
@@ -229,7 +270,11 @@ def _try_judge(spec: str, judge, pair: dict) -> None:
 
     text = [r if isinstance(r, str) else r[-1]["content"] for r in (pair["chosen"], pair["rejected"])]
     try:
-        check_judge_scores(judge([pair["prompt"]] * 2, text), 2, judge)
+        scores = judge([pair["prompt"]] * 2, text)
+    except JudgeError as error:
+        raise UserError(f"{_one_line(error)} on the first pair of --data") from None
+    try:
+        check_judge_scores(scores, 2, judge)
     except ValueError as error:
         raise UserError(f"--judge {spec}: on the first pair of --data: {_one_line(error)}") from None
 
@@ -263,6 +308,17 @@ def check_resume(config, say) -> None:
         raise UserError(f"--steps {config.steps}: {path} has already done {done} steps; resume with "
                         f"--steps {done} or more, or start a new run in another --out")
     say(f"--resume: continuing {path} at step {done} of {config.steps}")
+
+
+def resume_hint(config) -> str:
+    """Where the run's last checkpoint is and how to go on from it."""
+    from .checkpoint import load_checkpoint
+
+    path = Path(config.output_dir) / "checkpoint.pt"
+    if not path.exists():
+        return f"no checkpoint was written yet (every {config.checkpoint_every} steps): fix the judge and start again"
+    done = load_checkpoint(path, map_location="cpu")["next_step"]
+    return f"the checkpoint {path} of the first {done} step(s) is kept: fix the judge and run the same command with --resume"
 
 
 def run_train(args) -> int:
@@ -301,7 +357,7 @@ def _run_train(args) -> int:
         from .train import Task
         pairs, eval_prompts = load_data(args, config, say)
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-        judge = load_judge(args.judge, accelerator.device, dtype, say)
+        judge = NamedJudge(args.judge, load_judge(args.judge, accelerator.device, dtype, say))
         _try_judge(args.judge, judge, pairs[0])
         policy, tokenizer = load_policy(args.model, args.lora_rank, dtype, config.seed, say)
         task = Task(preferences=pairs, train_prompts=[row["prompt"] for row in pairs], eval_prompts=eval_prompts,
@@ -319,7 +375,10 @@ def _run_train(args) -> int:
                                   init_kwargs={"wandb": {"name": Path(config.output_dir).name}})
         say(f"logging to {args.report_to} (project sail_min"
             + (f", {Path(config.output_dir) / 'sail_min'})" if args.report_to == "tensorboard" else ")"))
-    history = train(config, policy, tokenizer, task, resume=args.resume, accelerator=accelerator)
+    try:
+        history = train(config, policy, tokenizer, task, resume=args.resume, accelerator=accelerator)
+    except JudgeError as error:                                  # mid-run: the last checkpoint stays as it was
+        raise UserError(f"{_one_line(error)} during training; {resume_hint(config)}") from None
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"trained on {accelerator.num_processes} process(es), {config.pairs_per_step} pairs per step each")

@@ -113,6 +113,11 @@ class SAILConfig:
     max_prompt_tokens: int = 512
     """prompts longer than this (chat template included) are cut from the left, in training,
     evaluation and reference sampling alike (counted in the metrics)"""
+    max_completion_tokens: int = 256
+    """dataset responses (chosen and rejected) longer than this many tokens, EOS included, keep their
+    first max_completion_tokens tokens and lose the EOS, like a sample cut at max_new_tokens
+    (TRL's max_completion_length); counted as truncated_responses in the metrics. 256 never cuts the toy
+    task's responses (17 tokens at most); long real data (UltraFeedback) needs it on a 16 GB GPU"""
     generation_cache: str = "dynamic"
     """KV cache for sampling: "dynamic" (plain generate) or "static" (compiled on a GPU, ~4x faster)"""
     generation_shapes: str = "fixed"
@@ -163,6 +168,7 @@ class SAILConfig:
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         for name, least in (("steps", 1), ("pairs_per_step", 1), ("reuse_steps", 1), ("max_new_tokens", 1), ("max_prompt_tokens", 1),
+                            ("max_completion_tokens", 1),
                             ("eval_every", 1), ("eval_prompts", 1), ("checkpoint_every", 0), ("seed", 0)):
             if not (integer(getattr(self, name)) and getattr(self, name) >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)!r}")

@@ -448,11 +448,16 @@ def _response_text(response, index: int) -> str:
     raise ValueError(f"responses[{index}] must be text or a list of one assistant message")
 
 
-def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, text_prompts: str = "chat") -> Responses:
+def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, text_prompts: str = "chat",
+                     max_tokens: int | None = None) -> Responses:
     """Given (prompt, response) rows, e.g. a dataset's chosen answers, in the same layout as
     sampled ones (CPU tensors): the response is tokenised on its own and closed with the EOS
     (appended only when the text does not already end with it, as TRL does).
-    Responses are text, or [{"role": "assistant", "content": ...}] as in conversational data."""
+    Responses are text, or [{"role": "assistant", "content": ...}] as in conversational data.
+
+    ``max_tokens``: a response longer than this, EOS included, keeps its first ``max_tokens`` tokens
+    and no EOS (``contains_eos`` False, its text decoded from the kept tokens), like a sample cut at
+    max_new_tokens; ``(~contains_eos).sum()`` counts the cut rows. None keeps every response whole."""
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses differ in length: {len(prompts)} vs {len(responses)}")
     if tokenizer.eos_token_id is None:
@@ -462,6 +467,10 @@ def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, 
     eos = tokenizer.eos_token_id
     response_token_lists = [tokenizer(text, add_special_tokens=False).input_ids for text in responses]
     response_token_lists = [ids if ids[-1:] == [eos] else ids + [eos] for ids in response_token_lists]
+    cut = [max_tokens is not None and len(ids) > max_tokens for ids in response_token_lists]
+    for row in (row for row, is_cut in enumerate(cut) if is_cut):
+        response_token_lists[row] = response_token_lists[row][:max_tokens]
+        responses[row] = tokenizer.decode(response_token_lists[row])
     lengths = torch.tensor([len(ids) for ids in response_token_lists])
     response_ids = torch.full((len(responses), int(lengths.max())), tokenizer.pad_token_id)
     for row, ids in enumerate(response_token_lists):
@@ -470,4 +479,4 @@ def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, 
     return Responses(
         prompts=list(prompts), prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],
         response_ids=response_ids, response_mask=response_mask, texts=list(responses),
-        contains_eos=torch.ones(len(responses), dtype=torch.bool), lengths=lengths)
+        contains_eos=~torch.tensor(cut, dtype=torch.bool), lengths=lengths)

@@ -130,6 +130,7 @@ class StepPairs:
     first: Responses          # y1 of every pair
     second: Responses         # y2 of every pair
     truncated_prompts: int    # prompts cut to max_prompt_tokens in this step
+    truncated_responses: int  # dataset responses (chosen or rejected) cut to max_completion_tokens
 
 
 def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, process: int = 0,
@@ -155,10 +156,12 @@ def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, pro
                                                          config.text_prompts)
     online_prompts, cut_online = truncate_prompts_left(tokenizer, online, config.max_prompt_tokens, config.text_prompts)
 
-    firsts, seconds = [], []
-    if rows:                                          # y1 = chosen, y2 = rejected
-        firsts.append(encode_responses(tokenizer, dataset_prompts, [r["chosen"] for r in rows], config.text_prompts))
-        seconds.append(encode_responses(tokenizer, dataset_prompts, [r["rejected"] for r in rows], config.text_prompts))
+    firsts, seconds, cut_responses = [], [], 0
+    if rows:                                          # y1 = chosen, y2 = rejected, cut to max_completion_tokens
+        for kept, key in ((firsts, "chosen"), (seconds, "rejected")):
+            kept.append(encode_responses(tokenizer, dataset_prompts, [r[key] for r in rows], config.text_prompts,
+                                         max_tokens=config.max_completion_tokens))
+            cut_responses += int((~kept[-1].contains_eos).sum())
     if online:                                        # y1, y2 ~ pi_theta(. | x): rows 2i and 2i + 1
         samples = sample(policy, tokenizer, online_prompts, config, k=2,
                          seed=step_seed(config.seed, step, process, "sample"), rows=2 * n)
@@ -170,7 +173,7 @@ def draw_pairs(policy, tokenizer, task: Task, config: SAILConfig, step: int, pro
                "sample"), rows=2 * n)
     return StepPairs(torch.tensor([routes[i] for i in dataset_pairs + online_pairs]), dataset_prompts + online_prompts,
                      Responses.cat(firsts, tokenizer.pad_token_id), Responses.cat(seconds, tokenizer.pad_token_id),
-                     cut_dataset + cut_online)
+                     cut_dataset + cut_online, cut_responses)
 
 
 def dataset_row(seed: int, slot: int, rows: int) -> int:
@@ -384,7 +387,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         enable_gradient_checkpointing(policy)
     optimizer = _make_optimizer(config, [p for p in policy.parameters() if p.requires_grad])
     scaler = torch.amp.GradScaler(accelerator.device.type) if config.mixed_precision == "fp16" else None
-    counters = {"skipped_steps": 0, "truncated_prompts": 0, "judge_queries": 0}
+    counters = {"skipped_steps": 0, "truncated_prompts": 0, "truncated_responses": 0, "judge_queries": 0}
     start = 0
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and config.route_pp + config.route_pr > 0:
@@ -395,7 +398,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
             raise NotImplementedError("resuming a sharded (FSDP / DeepSpeed) run is not implemented: its checkpoint "
                                       "holds the gathered trainable weights, load them into the model to start over")
         state = load_checkpoint(out / "checkpoint.pt", map_location=accelerator.device)
-        start, counters = restore(state, policy, optimizer, scaler, config=config.to_dict(), path=out / "checkpoint.pt")
+        start, restored = restore(state, policy, optimizer, scaler, config=config.to_dict(), path=out / "checkpoint.pt")
+        counters |= restored
     policy, optimizer = prepare(policy, optimizer, reference, accelerator)   # DDP / FSDP2 / DeepSpeed; 1 process: as is
     history = _open_metrics(out, config, start, resume) if main else []
     compiled_before = compile_stats()                                   # the run's compilations, from here
@@ -427,6 +431,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         t4 = time.perf_counter()
         # -------------------------------- BOOKKEEPING ----------------------------------
         counters["truncated_prompts"] += pairs.truncated_prompts if new_round else 0
+        counters["truncated_responses"] += pairs.truncated_responses if new_round else 0
         counters["judge_queries"] += judge_calls if new_round else 0
         skipped = {}
         if not finite:

@@ -12,3 +12,19 @@ def one_score(prompts, responses):
 
 
 NOT_A_FUNCTION = 3
+
+
+def raises(prompts, responses):
+    """A judge whose service is down: raises on every call."""
+    raise RuntimeError("judge service down")
+
+
+CALLS = {"flaky": 0}
+
+
+def flaky(prompts, responses):
+    """Scores like word_count for its first 4 calls, then raises (a judge that fails mid-run)."""
+    CALLS["flaky"] += 1
+    if CALLS["flaky"] > 4:
+        raise RuntimeError("judge service down")
+    return word_count(prompts, responses)

@@ -68,6 +68,7 @@ def test_bad_arguments_are_rejected_with_a_message():
 
 
 # ---- `train` with your own model, data and judge (issue 10) ------------------------------------
+import math  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
@@ -207,6 +208,10 @@ BAD_INPUTS = {   # name: (arguments replacing or added to TINY + SMALL, what the
     "judge not callable": (["--judge", "cli_judge:NOT_A_FUNCTION"], "cli_judge.NOT_A_FUNCTION is a int, not a callable"),
     "judge breaks the contract": (["--judge", "cli_judge:one_score"], "--judge cli_judge:one_score: on the first "
                                   "pair of --data: judge 'one_score' returned 1 scores for 2 responses"),
+    "a judge that raises": (["--judge", "cli_judge:raises"], "--judge cli_judge:raises raised "
+                            "RuntimeError('judge service down') on the first pair of --data"),
+    "a sequence classifier as --model": (["--model", "data/tiny/reward"], "--model data/tiny/reward: is a "
+                                         "LlamaForSequenceClassification checkpoint, not a causal language model"),
     "--threads 0": (["--threads", "0"], "--threads must be >= 1, got 0"),
     "--lora-rank 0": (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0"),
     "--model without --judge": (["--judge", None], "--model needs --data (preference pairs) and --judge"),
@@ -334,3 +339,56 @@ def test_trackers_get_the_config_every_step_and_the_end(in_process, tmp_path, mo
     assert [c[1] for c in calls[1:-1]] == [0, 1] and calls[-1] == ("finish",)
     assert all(isinstance(v, (int, float)) for c in calls[1:-1] for v in c[2].values())
     assert "loss" in calls[1][2] and "eval/judge_reward" in calls[2][2]
+
+
+def test_a_causal_lm_without_its_lm_head_is_refused(in_process, tmp_path, capsys):
+    """A checkpoint that claims to be a causal LM but lacks lm_head.weight (untied): the head would be random."""
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "headless"
+    shutil.copytree(os.path.join(ROOT, "data", "tiny", "policy"), model)
+    config = json.loads((model / "config.json").read_text())
+    weights = load_file(model / "model.safetensors")
+    if config.get("tie_word_embeddings", True):      # untie, so a missing head is really missing
+        config["tie_word_embeddings"] = False
+        (model / "config.json").write_text(json.dumps(config))
+    weights.pop("lm_head.weight", None)
+    save_file(weights, model / "model.safetensors")
+    code = main(["train", *TINY, *SMALL, "--model", str(model), "--steps", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: --model {model}: the checkpoint has no lm_head.weight"), err
+
+
+def test_a_judge_that_raises_mid_run_keeps_the_checkpoint_and_says_how_to_resume(in_process, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import cli_judge
+    monkeypatch.setitem(cli_judge.CALLS, "flaky", 0)
+    out = tmp_path / "run"
+    argv = ["train", *TINY, *SMALL, "--preset", "online-dpo", "--steps", "6", "--out", str(out),
+            "--set", "checkpoint_every=1"]
+    argv[argv.index("data/tiny/reward")] = "cli_judge:flaky"
+    assert main(argv) == 2                       # the 5th judge call, in a training step, raises
+    done = load_checkpoint(out / "checkpoint.pt")["next_step"]
+    assert 1 <= done < 6 and len(metrics(out)) == done
+    err = capsys.readouterr().err.strip()          # after the progress bar: one error line
+    assert err.splitlines()[-1:] == [f"error: --judge cli_judge:flaky raised RuntimeError('judge service down') during "
+                                     f"training; the checkpoint {out / 'checkpoint.pt'} of the first {done} step(s) is "
+                                     f"kept: fix the judge and run the same command with --resume"]
+    monkeypatch.setitem(cli_judge.CALLS, "flaky", -100)          # the judge is fixed
+    assert main([*argv, "--resume"]) == 0
+    assert [row["step"] for row in metrics(out)] == list(range(6))
+
+
+def test_a_20000_word_response_trains_cut_to_max_completion_tokens(in_process, tmp_path):
+    """TRL's max_completion_length: a huge dataset response is cut, counted, and the run trains."""
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "data", "tiny", "preferences.jsonl"))]
+    for row in rows[:16]:                                    # every training row (the last 4 are held out)
+        row["chosen"] = " ".join(["wonderful"] * 20_000)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    assert main(["train", *TINY, *SMALL, "--data", str(data), "--preset", "offline-dpo", "--steps", "4",
+                 "--out", str(out), "--set", "max_completion_tokens=32"]) == 0
+    history = metrics(out)
+    assert history[-1]["truncated_responses"] == 16                 # 4 steps x 4 pairs, each chosen cut once
+    assert all(math.isfinite(row["loss"]) for row in history)

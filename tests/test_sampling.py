@@ -263,3 +263,23 @@ def test_a_response_that_already_ends_with_eos_gets_no_second_one():
     both = encode_responses(tokenizer, ["Hi", "Hi"], ["Hello.", "Hello." + eos])
     assert both.lengths[0] == both.lengths[1]
     assert both.response_ids[1, : both.lengths[1]].tolist().count(tokenizer.eos_token_id) == 1
+
+
+def test_encode_responses_cuts_long_responses_to_max_tokens_without_eos(tokenizer):
+    """max_tokens (SAILConfig.max_completion_tokens): a long response keeps its first max_tokens tokens and
+    loses its EOS, like a sample cut at max_new_tokens; short ones are untouched, EOS kept."""
+    prompts = ["Tell me about the market.", "And the weather?"]
+    responses = ["lovely " * 50, "Sunny."]
+    whole = encode_responses(tokenizer, prompts, responses)
+    cut = encode_responses(tokenizer, prompts, responses, max_tokens=8)
+    long_ids = tokenizer(responses[0], add_special_tokens=False).input_ids
+    assert len(long_ids) + 1 > 8 and whole.lengths[0] == len(long_ids) + 1          # +1: the EOS
+    assert cut.lengths.tolist() == [8, int(whole.lengths[1])]
+    assert cut.response_ids[0, :8].tolist() == long_ids[:8]                          # the first tokens, no EOS
+    assert cut.contains_eos.tolist() == [False, True] and whole.contains_eos.tolist() == [True, True]
+    assert cut.texts[0] == tokenizer.decode(long_ids[:8]) and cut.texts[1] == "Sunny."
+    assert torch.equal(cut.response_ids[1], whole.response_ids[1, :cut.response_ids.shape[1]])
+    assert int(cut.response_mask[0].sum()) == 8
+    # a response of exactly max_tokens tokens with its EOS is not cut
+    exact = encode_responses(tokenizer, prompts[:1], responses[:1], max_tokens=len(long_ids) + 1)
+    assert exact.contains_eos.all() and torch.equal(exact.response_ids, whole.response_ids[:1])
