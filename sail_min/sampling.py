@@ -342,14 +342,10 @@ def compile_stats() -> dict:
             "seconds": float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))}
 
 
-def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: int | None):
-    """`model.generate` with a forked, seeded RNG when there is a seed (global RNG untouched).
-
-    Sharded weights (FSDP2): every forward pass gathers them from all processes, so every process must
-    run as many as the others; ``synced_gpus`` keeps a finished process stepping until all are done."""
-    from .logprobs import is_fully_sharded
+def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: int | None, synced_gpus: bool):
+    """`model.generate` with a forked, seeded RNG when there is a seed (global RNG untouched)."""
     device = input_ids.device
-    synced = dict(synced_gpus=True) if is_fully_sharded(model) else {}
+    synced = dict(synced_gpus=True) if synced_gpus else {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
@@ -360,7 +356,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
                      temperature: float = 1.0, seed: int | None = None, greedy: bool = False,
                      cache_implementation: str | None = None, compile: str = "cudagraphs",
                      batch_rows: int | None = None, prompt_length: int | None = None,
-                     isolate: bool = True, text_prompts: str = "chat") -> Responses:
+                     isolate: bool = True, text_prompts: str = "chat", synced_gpus: bool = False) -> Responses:
     """Draw k responses per prompt, y ~ pi_theta(. | x); same seed, same samples.
 
     The model is put in eval mode (no dropout) and its training mode restored afterwards;
@@ -382,6 +378,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
     isolate: copy generate's output and mark a new CUDA-graph step (see the module docstring).
     text_prompts: "chat" (a plain-text prompt becomes one user message of the chat template) or
         "text" (it stays text, as in TRL); see `render_prompts`.
+    synced_gpus: sharded weights (FSDP2): every forward pass gathers them from all processes, so every
+        process must run as many as the others; a process that has finished keeps stepping until all are.
     """
     if k < 1:
         raise ValueError(f"k (responses per prompt) must be at least 1, got {k}")
@@ -410,15 +408,15 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, ma
     try:
         if static:
             try:
-                sequences = _generate(model, padded_ids, padded_mask, make_config("static"), seed)[: len(input_ids)]
+                sequences = _generate(model, padded_ids, padded_mask, make_config("static"), seed, synced_gpus)[: len(input_ids)]
             except Exception as error:          # unsupported model / device: warn once, then dynamic
                 _static_cache_failed.add(model)
                 warnings.warn(f"static-cache generation failed for {type(model).__name__} on {device} "
                               f"({type(error).__name__}: {error}); using the dynamic cache for this model "
                               "from now on", RuntimeWarning, stacklevel=2)
-                sequences = _generate(model, input_ids, attention_mask, make_config(None), seed)
+                sequences = _generate(model, input_ids, attention_mask, make_config(None), seed, synced_gpus)
         else:
-            sequences = _generate(model, input_ids, attention_mask, make_config(None), seed)
+            sequences = _generate(model, input_ids, attention_mask, make_config(None), seed, synced_gpus)
     finally:
         model.train(was_training)
     if isolate:

@@ -114,7 +114,8 @@ def sample(model, tokenizer, prompts: Sequence, config: SAILConfig, k: int, seed
                                 cache_implementation="static" if cache == "static" else None,
                                 compile=config.generation_compile, isolate=config.cudagraph_isolation,
                                 batch_rows=rows if fixed else None, text_prompts=config.text_prompts,
-                                prompt_length=config.max_prompt_tokens if fixed else None)
+                                prompt_length=config.max_prompt_tokens if fixed else None,
+                                synced_gpus=is_fully_sharded(model))
 
 
 # --------------------------------------------------------------------------------------
