@@ -52,7 +52,8 @@ from sail_min.config import SAILConfig
 from sail_min.labels import RewardModelScorer
 from sail_min.sampling import truncate_prompts_left
 from sail_min.logprobs import sequence_logprobs
-from sail_min.train import Task, attention_kernels, autocast, enable_gradient_checkpointing, sample, train
+from sail_min.engine import Runtime, attention_kernels, autocast, enable_gradient_checkpointing
+from sail_min.train import Task, train
 
 SIZES = {
     "real": dict(policy=dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -218,12 +219,13 @@ def sampler_alone(policy, tokenizer, task: Task, config: SAILConfig, device: tor
     run (its graphs exist): the microbenchmark the loop's steady generation time is compared with."""
     prompts, _ = truncate_prompts_left(tokenizer, list(task.train_prompts[: config.pairs_per_step]),
                                        config.max_prompt_tokens)
+    sampler = Runtime(config).sampler(tokenizer, rows=2 * config.pairs_per_step)
     times = []
     for i in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sample(policy, tokenizer, prompts, config, k=2, seed=i, rows=2 * config.pairs_per_step)
+        sampler(policy, prompts, k=2, seed=i)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

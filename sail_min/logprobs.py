@@ -34,7 +34,6 @@ left-padded row gets exactly the positions it would have alone (as in `generate`
 """
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 
@@ -55,11 +54,15 @@ def _chunk_token_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor,
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_mask: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+                      response_mask: torch.Tensor, chunk_size: int = 512,
+                      engine: torch.nn.Module | None = None) -> torch.Tensor:
     """l(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens, one value per row, shape [B].
 
     Differentiable (wrap the reference model's call in torch.no_grad()). Logits are
     materialised for `chunk_size` response tokens at a time; the result does not depend on it.
+    ``engine``: a module whose forward must run for ``model``'s weights to be there and its gradients
+    averaged (a DDP wrapper, or the FSDP2-sharded model itself; ``engine.Runtime.engine_for`` says which);
+    None for a plain model.
     """
     if not (input_ids.shape == attention_mask.shape == response_mask.shape) or input_ids.dim() != 2:
         raise ValueError(f"input_ids, attention_mask and response_mask must share one [batch, length] "
@@ -79,11 +82,10 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)   # p_t over real tokens
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    wrapped = _engine_forward(model)
-    if wrapped is None:                                          # a plain model: the decoder, then the chunks
+    if engine is None:                                           # a plain model: the decoder, then the chunks
         hidden = model.get_decoder()(**inputs).last_hidden_state
         return _response_logprobs(model.get_output_embeddings(), hidden, input_ids, response_mask, chunk_size)
-    return _through_engine(model, wrapped, inputs, response_mask, chunk_size)
+    return _through_engine(model, engine, inputs, response_mask, chunk_size)
 
 
 def _response_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -110,42 +112,7 @@ def _response_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, r
 # --------------------------------------------------------------------------------------
 # through a distributed engine's wrapper
 # --------------------------------------------------------------------------------------
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _KEEP_NO_LOGITS = torch.zeros(0, dtype=torch.long)      # logits_to_keep: the lm_head sees 0 positions
-
-
-def register_engine(model: torch.nn.Module, wrapped: torch.nn.Module | None) -> None:
-    """Make ``sequence_logprobs(model, ...)`` run its gradient-carrying forward through ``wrapped``
-    (DDP, a DeepSpeed engine: what ``accelerator.prepare`` returned); None unregisters."""
-    if wrapped is None or wrapped is model:
-        _ENGINES.pop(model, None)
-    else:
-        _ENGINES[model] = wrapped
-
-
-def has_engine(model) -> bool:
-    """Does an engine own ``model``'s gradients (a registered DDP / DeepSpeed wrapper, or FSDP2 in place)?"""
-    return model in _ENGINES or is_fully_sharded(model)
-
-
-def is_fully_sharded(model) -> bool:
-    """FSDP2 (``fully_shard``) on the model, or on the causal LM inside a PEFT model."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    base = model.get_base_model() if _is_peft_model(model) else model
-    return isinstance(model, FSDPModule) or isinstance(base, FSDPModule)
-
-
-def _engine_forward(model):
-    """The module whose forward must run for ``model``'s weights to be there, or None (a plain model).
-    FSDP2 (``fully_shard``, in place): the model itself, always. DDP / DeepSpeed (registered with
-    ``register_engine``): their wrapper, with gradient only (DDP arms its all-reduce in its forward);
-    without gradient (pi_ref, evaluation) the plain module does, nothing being averaged."""
-    if is_fully_sharded(model):
-        return model
-    return _ENGINES.get(model) if torch.is_grad_enabled() else None
 
 
 def _through_engine(model, wrapped, inputs: dict, response_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -211,15 +178,16 @@ class ReferenceModel:
 
     @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 response_mask: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
-        """l_ref(y|x) = sum_t log pi_ref(y_t | x, y_<t), shape [B], no gradient."""
+                 response_mask: torch.Tensor, chunk_size: int = 512,
+                 engine: torch.nn.Module | None = None) -> torch.Tensor:
+        """l_ref(y|x) = sum_t log pi_ref(y_t | x, y_<t), shape [B], no gradient (``engine``: sharded weights)."""
         if not self.uses_disabled_adapters:
-            return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size)
+            return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size, engine)
         was_training = self.model.training
         self.model.eval()                                  # no dropout in pi_ref
         try:
             with self.model.disable_adapter():             # W + B A  ->  W
-                return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size)
+                return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size, engine)
         finally:
             self.model.train(was_training)
 

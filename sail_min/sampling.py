@@ -61,7 +61,8 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -350,6 +351,37 @@ def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: 
         if seed is not None:
             torch.manual_seed(seed)
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **synced)
+
+
+@dataclass
+class Sampler:
+    """``sampler(model, prompts, k, seed)``: k responses per prompt, y ~ pi(. | x), with one set of settings.
+
+    The loop builds one per call site from its config (``engine.Runtime.sampler``): training samples,
+    evaluation samples, the reference's samples. Fields are ``sample_responses``' arguments; ``rows`` and
+    ``prompt_length`` fix the static cache's shape (one shape, one compilation), and ``precision`` is a
+    context (e.g. autocast) that generation runs in."""
+
+    tokenizer: object
+    max_new_tokens: int
+    temperature: float
+    text_prompts: str
+    cache: str                                  # "dynamic" | "static"
+    compile: str                                # static cache: "cudagraphs" | "no-cudagraphs" | "eager-backend" | "off"
+    isolate: bool                               # copy generate's output, start a new CUDA-graph step
+    rows: int | None = None                     # static, fixed shapes: every call padded to this many rows...
+    prompt_length: int | None = None            # ...and this many prompt tokens
+    synced_gpus: bool = False                   # sharded weights: every process steps until all are done
+    precision: Callable[[], AbstractContextManager] = nullcontext
+
+    def __call__(self, model, prompts: Sequence[Prompt], k: int, seed: int | None) -> "Responses":
+        with self.precision():
+            return sample_responses(model, self.tokenizer, prompts, k=k, max_new_tokens=self.max_new_tokens,
+                                    temperature=self.temperature, seed=seed,
+                                    cache_implementation="static" if self.cache == "static" else None,
+                                    compile=self.compile, isolate=self.isolate, batch_rows=self.rows,
+                                    text_prompts=self.text_prompts, prompt_length=self.prompt_length,
+                                    synced_gpus=self.synced_gpus)
 
 
 def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, max_new_tokens: int = 64,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "data" / "tiny"
-TRAIN_NEEDS = ["train.py", "checkpoint.py", "config.py", "engine.py", "labels.py", "logprobs.py", "objective.py",
-               "sampling.py"]
+TRAIN_NEEDS = ["train.py", "checkpoint.py", "config.py", "diagnostics.py", "engine.py", "labels.py", "logprobs.py",
+               "metrics.py", "objective.py", "sampling.py"]
 
 
 def run_alone(folder: Path, script: str) -> str:
@@ -68,6 +68,10 @@ def test_sampling_py_alone(tmp_path):
         samples = sampling.sample_responses(model, tokenizer, ["Tell me about the market."], k=2, max_new_tokens=6,
                                             seed=0)
         encoded = sampling.encode_responses(tokenizer, ["Tell me about the market."], ["Lovely."], max_tokens=8)
+        sampler = sampling.Sampler(tokenizer, max_new_tokens=6, temperature=1.0, text_prompts="chat", cache="dynamic",
+                                   compile="off", isolate=True)
+        again = sampler(model, ["Tell me about the market."], k=2, seed=0)
+        assert again.texts == samples.texts                       # the sampler is sample_responses with its settings
         print("ok", len(samples), samples.model_inputs()["input_ids"].shape[0], len(encoded))
     """))
     assert out.startswith("ok 2 2 1")

@@ -14,7 +14,8 @@ from sail_min.config import SAILConfig
 from sail_min.tasks.sentiment import load_base_model, load_sentiment_task
 from sail_min.checkpoint import load_checkpoint
 from sail_min.sampling import truncate_prompts_left
-from sail_min.train import Task, replay_skipped_step, train
+from sail_min.diagnostics import replay_skipped_step
+from sail_min.train import Task, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(steps=4, pairs_per_step=6, eval_every=2, eval_prompts=8, checkpoint_every=2)
@@ -263,12 +264,14 @@ def test_static_generation_cache_gives_the_same_run_as_the_dynamic_one_for_a_fix
 
 def test_offline_pairs_are_read_in_shuffled_passes(sentiment):
     """Every dataset row once per pass (offline DPO), a new order each pass."""
+    from sail_min.engine import Runtime
     from sail_min.train import draw_pairs
     policy, tokenizer = load_base_model()
     rows = sentiment.preferences()[:10]
     task = Task(rows, sentiment.train_prompts[:4], sentiment.eval_prompts[:4], sentiment.judge)
     config = SAILConfig.preset("offline-dpo", pairs_per_step=5)
-    passes = [[t for step in (2 * p, 2 * p + 1) for t in draw_pairs(policy, tokenizer, task, config, step).first.texts]
+    sampler = Runtime(config).sampler(tokenizer, rows=2 * config.pairs_per_step)
+    passes = [[t for step in (2 * p, 2 * p + 1) for t in draw_pairs(policy, sampler, task, config, step).first.texts]
               for p in range(2)]
     assert all(sorted(p) == sorted(r["chosen"] for r in rows) for p in passes)   # each row exactly once
     assert passes[0] != passes[1]                                                  # reshuffled

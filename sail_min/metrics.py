@@ -1,0 +1,81 @@
+"""What a run writes: one line of metrics per step (TRL's names where it has them) to
+``output_dir/metrics.jsonl``, evaluation lines carrying ``eval/*`` keys, and ``config.json``.
+
+``step_record`` turns one step's loss and pairs into that line; ``open_metrics`` starts (or, on resume,
+trims) the file and ``append_metrics`` adds a line. Nothing here changes what is trained.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from .config import ROUTES, SAILConfig
+from .sampling import compile_stats
+
+
+def step_record(step: int, loss, pairs, config: SAILConfig, seconds: dict, counters: dict,
+                compiled_before: dict) -> dict:
+    """The metrics of one step: the loss and its terms, the implicit rewards, the routes, online lengths."""
+    response_coef, label_coef = config.coefficients(pairs.routes)
+    online = pairs.routes >= ROUTES.index("pp")
+    lengths = torch.cat([pairs.first.lengths, pairs.second.lengths]).float()
+    with_eos = torch.cat([pairs.first.contains_eos, pairs.second.contains_eos]).float()
+    tokens = int(lengths.sum())
+    z = loss.z.cpu()
+    return {
+        "step": step, "loss": loss.loss.item(), "loss/dpo": loss.dpo.mean().item(),
+        "loss/response": masked_mean(loss.response, response_coef > 0),
+        "loss/label": masked_mean(loss.label, label_coef > 0),
+        "rewards/chosen": loss.chosen_rewards.mean().item(), "rewards/rejected": loss.rejected_rewards.mean().item(),
+        "rewards/margins": z.mean().item(), "rewards/accuracies": (z > 0).float().mean().item(),
+        **{f"pairs/{name}": int((pairs.routes == i).sum()) for i, name in enumerate(ROUTES)},
+        "online/response_length": lengths[online.repeat(2)].mean().item() if online.any() else None,
+        "online/contains_eos": with_eos[online.repeat(2)].mean().item() if online.any() else None,
+        **{f"time/{name}": value for name, value in seconds.items()},
+        "tokens_per_second": tokens / max(seconds["train"], 1e-9),
+        **compilations_since(compiled_before),
+        **counters,
+    }
+
+
+def compilations_since(compiled_before: dict) -> dict:
+    """torch.compile graphs and seconds since ``compiled_before`` (a ``compile_stats()``)."""
+    return {f"compile/{k}": v - compiled_before[k] for k, v in compile_stats().items()}
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean over the pairs where a term applies (None when it applies to none)."""
+    mask = mask.to(values.device)
+    return values[mask].mean().item() if mask.any() else None
+
+
+def open_metrics(out: Path, config: SAILConfig, start: int, resume: bool) -> list[dict]:
+    """Write config.json; keep the metrics of steps before ``start`` (a resumed run redoes the rest).
+    A half-written last line (a run killed while writing) is dropped, with a warning."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    for number, line in enumerate(metrics_path.read_text().splitlines() if (resume and metrics_path.exists()) else []):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{metrics_path} line {number + 1} is not complete JSON (a run killed while writing?): "
+                          "dropped, the step is redone", RuntimeWarning)
+            continue
+        if record.get("step", start) < start:
+            kept.append(record)
+    metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    return kept
+
+
+def append_metrics(out: Path, record: dict, accelerator) -> None:
+    """One line of metrics.jsonl, and the numbers to accelerate's trackers (--report-to) if any."""
+    if accelerator.trackers:
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                        step=record["step"])
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
