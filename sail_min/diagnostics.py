@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,9 +37,9 @@ def term_gradient_norms(loss, policy, routes: torch.Tensor, config: SAILConfig) 
 
 
 def explain_skipped_step(path: Path, pairs, logps, labels: PairLabels, loss, policy, config: SAILConfig,
-                         step: int) -> dict:
-    """What was non-finite (the loss, which log-prob rows, which parameter gradients), as metrics,
-    and the step's inputs saved to ``path`` for ``replay_skipped_step``."""
+                         step: int, counters: dict) -> dict:
+    """What was non-finite (the loss, which log-prob rows, which parameter gradients), as metrics and a
+    warning, and the step's inputs saved to ``path`` for ``replay_skipped_step``."""
     bad_rows = {name: (~torch.isfinite(value.detach())).nonzero().flatten().tolist()
                 for name, value in vars(logps).items()}
     bad_grads = [name for name, p in policy.named_parameters()
@@ -51,8 +52,11 @@ def explain_skipped_step(path: Path, pairs, logps, labels: PairLabels, loss, pol
                 "inputs": {k: v.cpu() for k, v in pairs.model_inputs().items()},
                 "first_is_chosen": labels.first_is_chosen.cpu(),
                 "trainable": {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}}, path)
-    return {"skip/what": "; ".join(what) or "gradient of another process", "skip/nonfinite_logp_rows": bad_rows,
-            "skip/nonfinite_grads": bad_grads[:20], "skip/inputs": str(path)}
+    what = "; ".join(what) or "gradient of another process"
+    warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({counters['skipped_steps']} so far): "
+                  f"{what}; inputs saved to {path}", RuntimeWarning)
+    return {"skip/what": what, "skip/nonfinite_logp_rows": bad_rows, "skip/nonfinite_grads": bad_grads[:20],
+            "skip/inputs": str(path)}
 
 
 def replay_skipped_step(path: str | Path, policy, **overrides) -> dict:

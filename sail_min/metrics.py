@@ -16,9 +16,10 @@ from .config import ROUTES, SAILConfig
 from .sampling import compile_stats
 
 
-def step_record(step: int, loss, pairs, config: SAILConfig, seconds: dict, counters: dict,
-                compiled_before: dict) -> dict:
-    """The metrics of one step: the loss and its terms, the implicit rewards, the routes, online lengths."""
+def step_record(step: int, loss, pairs, config: SAILConfig, seconds: dict, counters: dict, compiled_before: dict,
+                grad_norm: float | None, skipped: dict, term_norms: dict, judge_truncated_inputs: int) -> dict:
+    """The metrics of one step: the loss and its terms, the implicit rewards, the routes, online lengths,
+    the gradient norm before clipping (None: a skipped step) and, at evaluations, each term's."""
     response_coef, label_coef = config.coefficients(pairs.routes)
     online = pairs.routes >= ROUTES.index("pp")
     lengths = torch.cat([pairs.first.lengths, pairs.second.lengths]).float()
@@ -38,6 +39,12 @@ def step_record(step: int, loss, pairs, config: SAILConfig, seconds: dict, count
         "tokens_per_second": tokens / max(seconds["train"], 1e-9),
         **compilations_since(compiled_before),
         **counters,
+        **skipped,
+        **term_norms,
+        "grad_norm": grad_norm,
+        **({"grad_norm/dpo": grad_norm} if term_norms and "grad_norm/dpo" not in term_norms else {}),  # DPO = total
+        "clipped": bool(config.max_grad_norm and grad_norm is not None and grad_norm > config.max_grad_norm),
+        "judge_truncated_inputs": judge_truncated_inputs,
     }
 
 

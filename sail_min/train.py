@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,14 +335,11 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         t4 = time.perf_counter()
         # -------------------------------- BOOKKEEPING ----------------------------------
         counters = count(counters, pairs, judge_calls, new_round, grad_norm is None)
-        skipped = {} if grad_norm is not None else skip_warning(step, counters, explain_skipped_step(
-            out / "skipped" / f"step_{step:06d}.pt", pairs, logps, labels, loss, policy, config, step))
-        record = step_record(step, loss, pairs, config, {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1)
-                             + (t4 - t3)}, counters, compiled_before) | skipped | term_norms
-        record |= {"grad_norm": grad_norm} | ({"grad_norm/dpo": grad_norm} if term_norms and "grad_norm/dpo"
-                                             not in term_norms else {})   # no extra term: DPO is the total
-        record["clipped"] = bool(config.max_grad_norm and grad_norm is not None and grad_norm > config.max_grad_norm)
-        record["judge_truncated_inputs"] = getattr(task.judge, "truncated", 0) - judge_truncated_before
+        skipped = {} if grad_norm is not None else explain_skipped_step(    # what was not finite; inputs saved
+            out / "skipped" / f"step_{step:06d}.pt", pairs, logps, labels, loss, policy, config, step, counters)
+        seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
+        record = step_record(step, loss, pairs, config, seconds, counters, compiled_before, grad_norm, skipped,
+                             term_norms, getattr(task.judge, "truncated", 0) - judge_truncated_before)
         if evaluating and (runtime.is_main or runtime.sharded):      # sharded: every process takes part
             t5 = time.perf_counter()
             record |= evaluate(policy, reference, eval_sampler, task, runtime, baseline_scores)
@@ -376,12 +372,6 @@ def count(counters: dict, pairs: StepPairs, judge_calls: int, new_round: bool, s
         counters["truncated_responses"] += pairs.truncated_responses
         counters["judge_queries"] += judge_calls
     return counters
-
-
-def skip_warning(step: int, counters: dict, skipped: dict) -> dict:
-    warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({counters['skipped_steps']} "
-                  f"so far): {skipped['skip/what']}; inputs saved to {skipped['skip/inputs']}", RuntimeWarning)
-    return skipped
 
 
 def resume_from(path: Path, policy, optimizer, runtime: Runtime) -> tuple[int, dict]:
