@@ -15,12 +15,13 @@ import argparse
 import sys
 import time
 
-from .config import PRESETS
+from .config import PRESETS, SAILConfig
 
 
 def _compare(args) -> int:
     from .compare import format_table, write_results
-    from .tasks.sentiment import REWARD_LABEL, main_job
+    from .experiments import main_job
+    from .tasks.sentiment import REWARD_LABEL
 
     from .checkpoint import CheckpointError
     from .cli import UserError
@@ -47,7 +48,8 @@ def _compare_full(args, start: float) -> int:
     from pathlib import Path
 
     from .compare import format_table, plot_frontier, write_results
-    from .tasks.sentiment import REWARD_LABEL, full_job
+    from .experiments import full_job
+    from .tasks.sentiment import REWARD_LABEL
 
     results = full_job(args.out, seeds=args.seeds or 5, progress=False)
     print("each method at its best learning rate:")
@@ -117,11 +119,13 @@ def _add_train_parser(commands) -> None:
     what.add_argument("--lora-rank", type=int, metavar="R",
                       help="train LoRA adapters of rank R (alpha 2R, all linear layers) instead of all weights")
     what.add_argument("--preset", choices=sorted(PRESETS),
-                      help="the method: its routes and coefficients (default sail-pr, or --config's)")
+                      help="the method: its routes and coefficients (default: --config's, else SAILConfig's: offline-dpo)")
     what.add_argument("--config", metavar="FILE.json",
                       help="start from a run's config.json (or any JSON object of SAILConfig fields)")
     what.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                      help="set a SAILConfig field, e.g. lr=5e-5, max_new_tokens=128 (repeatable)")
+                      help="set a SAILConfig field, e.g. lr=5e-5, max_new_tokens=128 (repeatable); "
+                           "multiple-choice fields: " + "; ".join(f"{k} {'|'.join(v)}" for k, v in
+                                                                  SAILConfig.choices().items()))
     data = one.add_argument_group("data")
     data.add_argument("--data", metavar="FILE_OR_HUB_NAME",
                       help="preference pairs (prompt, chosen, rejected): .json/.jsonl/.parquet or a hub "
@@ -141,7 +145,7 @@ def _add_train_parser(commands) -> None:
     run.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every random choice (default: the config's, 0)")
     run.add_argument("--out", default=None, metavar="DIR",
                      help="output folder: config.json, metrics.jsonl, checkpoint.pt (default: --config's "
-                          "output_dir, else outputs/train)")
+                          "output_dir, else SAILConfig's: outputs/run)")
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in --out (same settings; --steps may grow)")
     run.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads per process (default 1)")

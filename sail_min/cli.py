@@ -37,13 +37,17 @@ class UserError(Exception):
 # --------------------------------------------------------------------------------------
 def parse_set(items, fields: dict) -> dict:
     """--set FIELD=VALUE items as SAILConfig fields of the right type (a clear message otherwise)."""
+    from .config import SAILConfig
+
     overrides = {}
     for item in items or []:
         key, _, value = item.partition("=")
         if key not in fields or not value:
             raise UserError(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field "
                             f"({', '.join(sorted(fields))})")
-        kind = type(fields[key])
+        kind, choices = type(fields[key]), SAILConfig.choices().get(key)
+        if choices and value not in choices:
+            raise UserError(f"--set {item!r}: {key} takes one of {', '.join(choices)}")
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise UserError(f"--set {item!r}: {key} takes true or false")
@@ -67,14 +71,14 @@ def build_config(args):
             values = SAILConfig.from_json(args.config).to_dict()
         except ValueError as error:                   # names the file and what is wrong with it
             raise UserError(f"--config {error}") from None
-    preset = args.preset or (None if args.config else "sail-pr")
+    preset = args.preset                              # none: SAILConfig's defaults (offline DPO) or --config's
     if preset is not None:
         if preset not in PRESETS:
             raise UserError(f"--preset {preset!r}: unknown; choose from {', '.join(PRESETS)}")
         values.update({name: defaults[name] for name in VARIANT_FIELDS}, **PRESETS[preset])
     values.update(parse_set(args.set, defaults))
     values.update({k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None})
-    values["output_dir"] = args.out or (values.get("output_dir") if args.config else None) or "outputs/train"
+    values["output_dir"] = args.out or values.get("output_dir", defaults["output_dir"])
     try:
         return SAILConfig.from_dict(values)
     except ValueError as error:                       # a bad value: the message names the field

@@ -3,7 +3,7 @@
 A method is a preset name, or ``(label, preset, overrides)``; ``overrides`` (SAILConfig fields)
 apply to every method, and the seed is the run's index. Nothing here knows a particular task:
 a task's own rules (the toy task's equal judge budget, its axis label) come in through
-``task_for`` and ``reward_label`` (see ``sail_min.tasks.sentiment.main_job``). Judge labels counted
+``task_for`` and ``reward_label`` (see ``sail_min.experiments.main_job``). Judge labels counted
 are the calls the loop made (2 per judge-labelled pair); dataset labels are not judge calls.
 """
 from __future__ import annotations

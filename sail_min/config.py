@@ -23,9 +23,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -46,6 +48,18 @@ PRESETS = {
     "iterative-dpo": dict(route_dpo=0.0, route_pr=1.0, reuse_steps=4),
 }
 """Named presets: the fields they set; everything else is SAILConfig's default."""
+
+# The choices of every multiple-choice field, defined once: validation and the CLI's help read them
+# (``choices``). The objective's own two are objective.RESPONSE_MODES and objective.BASELINES.
+ResponseMode = Literal[RESPONSE_MODES]
+Baseline = Literal[BASELINES]
+SelfLabels = Literal["sampled", "expected"]
+Optimizer = Literal["adamw", "rmsprop"]
+TextPrompts = Literal["chat", "text"]
+GenerationCache = Literal["dynamic", "static"]
+GenerationShapes = Literal["fixed", "bucketed"]
+GenerationCompile = Literal["cudagraphs", "no-cudagraphs", "eager-backend", "off"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
 
@@ -68,12 +82,12 @@ class SAILConfig:
     """pi: label- and response-term coefficient on pp pairs"""
     pr_response_coef: float = 0.0
     """gamma: response-term coefficient on pr pairs (0 = online DPO)"""
-    response_mode: str = "exact"
+    response_mode: ResponseMode = "exact"
     """"exact" (the derivation), "public" (the public code's gradient hook) or "off\""""
-    baseline: str = "loo"
+    baseline: Baseline = "loo"
     """response-term baseline: "loo" (leave-one-out mean of the pair loss over the step's pairs of the same
     route) or "none\""""
-    self_labels: str = "sampled"
+    self_labels: SelfLabels = "sampled"
     """labels from the policy's own model (dp, pp): "sampled" (a draw of sig(z), as in the paper) or
     "expected" (averaged out exactly: the same expected gradient without the label's noise)"""
     public_hook_scale: float = 8.0
@@ -83,7 +97,7 @@ class SAILConfig:
     """KL coefficient beta of the implicit reward beta * (l_theta - l_ref)"""
 
     # ---- optimisation -------------------------------------------------------------------
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     """"adamw" or "rmsprop" (the public code's choice)"""
     lr: float = 5e-4
     """learning rate"""
@@ -107,7 +121,7 @@ class SAILConfig:
     here have no EOS (logged as contains_eos)"""
     temperature: float = 1.0
     """sampling temperature for online pairs (1 = sample pi_theta itself)"""
-    text_prompts: str = "chat"
+    text_prompts: TextPrompts = "chat"
     """how a plain-text prompt meets the policy's chat template: "chat" wraps it as one user message,
     "text" leaves it as text (TRL's behaviour); message-list prompts always use the template"""
     max_prompt_tokens: int = 512
@@ -118,13 +132,15 @@ class SAILConfig:
     first max_completion_tokens tokens and lose the EOS, like a sample cut at max_new_tokens
     (TRL's max_completion_length); counted as truncated_responses in the metrics. 256 never cuts the toy
     task's responses (17 tokens at most); long real data (UltraFeedback) needs it on a 16 GB GPU"""
-    generation_cache: str = "dynamic"
+
+    # ---- runtime: how a step runs on this machine, not what it computes (``engine.Runtime``) ----
+    generation_cache: GenerationCache = "dynamic"
     """KV cache for sampling: "dynamic" (plain generate) or "static" (compiled on a GPU, ~4x faster)"""
-    generation_shapes: str = "fixed"
+    generation_shapes: GenerationShapes = "fixed"
     """static cache only: "fixed" pads every sampling batch to max_prompt_tokens x 2 pairs_per_step
     rows (evaluation: x eval_prompts rows), so a run compiles twice at most; "bucketed" pads prompts to
     a multiple of 64 tokens and rows to a power of two (less padding, a compilation per new shape)"""
-    generation_compile: str = "cudagraphs"
+    generation_compile: GenerationCompile = "cudagraphs"
     """static cache on a GPU: "cudagraphs" (transformers' default, torch.compile mode reduce-overhead),
     "no-cudagraphs" (torch.compile without CUDA graphs) or "off" (static cache, no compilation); and
     "eager-backend" (torch.compile's eager backend, on a CPU too: the same tracing and guards, so the
@@ -134,7 +150,7 @@ class SAILConfig:
     replay can overwrite a tensor the loss still reads (switch off only to diagnose)"""
 
     # ---- precision and memory -----------------------------------------------------------
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     """"no" (fp32), "bf16" or "fp16" autocast of the forward passes (fp16 adds loss scaling)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, ~1.3-1.8x slower steps"""
@@ -172,12 +188,7 @@ class SAILConfig:
                             ("eval_every", 1), ("eval_prompts", 1), ("checkpoint_every", 0), ("seed", 0)):
             if not (integer(getattr(self, name)) and getattr(self, name) >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {getattr(self, name)!r}")
-        for name, choices in (("response_mode", RESPONSE_MODES), ("baseline", BASELINES),
-                              ("optimizer", ("adamw", "rmsprop")), ("text_prompts", ("chat", "text")),
-                              ("self_labels", ("sampled", "expected")), ("generation_cache", ("dynamic", "static")),
-                              ("generation_shapes", ("fixed", "bucketed")),
-                              ("generation_compile", ("cudagraphs", "no-cudagraphs", "eager-backend", "off")),
-                              ("mixed_precision", ("no", "bf16", "fp16"))):
+        for name, choices in self.choices().items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("cudagraph_isolation", "gradient_checkpointing", "cudnn_attention"):
@@ -194,6 +205,13 @@ class SAILConfig:
         if self.temperature != 1.0 and uses_response_term and self.response_mode == "exact":
             warnings.warn(f"temperature={self.temperature} samples from a tempered policy, not pi_theta: the "
                           "exact response term (and the eval KL estimate) assume temperature 1", stacklevel=3)
+
+    @classmethod
+    def choices(cls) -> dict[str, tuple]:
+        """{field: its allowed values} for every multiple-choice field (from its Literal type)."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+                if typing.get_origin(hints[f.name]) is Literal}
 
     # ---- the routes ---------------------------------------------------------------------
     @property

@@ -302,7 +302,7 @@ def cut_at_first_eos(generated: torch.Tensor, eos_ids: list[int], pad_id: int):
     return generated.masked_fill(eos_before, pad_id), response_mask, is_eos.any(dim=1)
 
 
-def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int = 64, temperature: float = 1.0,
+def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
                       greedy: bool = False, cache_implementation: str | None = None, compile: str = "cudagraphs",
                       model=None, max_cache_len: int | None = None) -> GenerationConfig:
     """The settings `sample_responses` passes to `generate`, one response per input row:
@@ -384,7 +384,7 @@ class Sampler:
                                     synced_gpus=self.synced_gpus)
 
 
-def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, max_new_tokens: int = 64,
+def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *, max_new_tokens: int,
                      temperature: float = 1.0, seed: int | None = None, greedy: bool = False,
                      cache_implementation: str | None = None, compile: str = "cudagraphs",
                      batch_rows: int | None = None, prompt_length: int | None = None,

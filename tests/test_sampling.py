@@ -136,11 +136,11 @@ def test_errors_name_the_argument(policy, tokenizer):
     no_pad = copy.deepcopy(tokenizer)
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
-        sample_responses(policy, no_pad, ["Hi"])
+        sample_responses(policy, no_pad, ["Hi"], max_new_tokens=4)
     with pytest.raises(ValueError, match="k "):
-        sample_responses(policy, tokenizer, ["Hi"], k=0)
+        sample_responses(policy, tokenizer, ["Hi"], k=0, max_new_tokens=4)
     with pytest.raises(ValueError, match="non-empty list"):
-        sample_responses(policy, tokenizer, "Hi")
+        sample_responses(policy, tokenizer, "Hi", max_new_tokens=4)
 
 
 def test_samples_come_from_the_policy_whatever_its_generation_config(tokenizer):
@@ -240,7 +240,7 @@ def test_static_cache_failure_warns_once_and_falls_back_to_dynamic(tokenizer, mo
 
 def test_unknown_cache_implementation_is_refused(policy, tokenizer):
     with pytest.raises(ValueError, match="cache_implementation"):
-        sample_responses(policy, tokenizer, ["Hi"], cache_implementation="paged")
+        sample_responses(policy, tokenizer, ["Hi"], cache_implementation="paged", max_new_tokens=4)
 
 
 def test_plain_text_prompts_meet_a_chat_template_as_a_user_message_or_as_text():

@@ -153,3 +153,13 @@ def test_base_model_ends_with_eos_and_writes_varied_text(base, base_samples):
     r = torch.tensor(VaderJudge()(prompts, texts))
     assert r.std() > 0.3 and -0.3 < r.mean() < 0.3, (r.mean(), r.std())
     assert (r > 0.3).float().mean() > 0.2 and (r < -0.3).float().mean() > 0.2
+
+
+def test_importing_the_tasks_does_not_import_vader():
+    """vaderSentiment is loaded when a judge is built, not when sail_min.tasks is imported."""
+    import subprocess
+    import sys
+    code = ("import sys, sail_min.tasks, sail_min.tasks.sentiment; "
+            "assert not any(m.startswith('vaderSentiment') for m in sys.modules), 'vader imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

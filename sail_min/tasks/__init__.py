@@ -1,7 +1,9 @@
 """Toy tasks for sail_min: a corpus, a tiny base policy trained on it, and a judge.
 
 `sentiment`: continue the start of a short review; the judge (VADER, a third-party
-sentiment lexicon) rewards positive text. Built by `data/make_sentiment_task.py`.
+sentiment lexicon) rewards positive text. Built by `data/make_sentiment_task.py`. Importing this
+package does not import vaderSentiment: building a `VaderJudge` does. The experiments on the task
+are `sail_min.experiments`.
 """
 from sail_min.tasks.sentiment import (
     BT_TEMPERATURE,
@@ -11,8 +13,6 @@ from sail_min.tasks.sentiment import (
     label_agreement,
     load_base_model,
     load_sentiment_task,
-    full_job,
-    main_job,
     task_for_method,
     read_jsonl,
     sentiment_task,
@@ -26,8 +26,6 @@ __all__ = [
     "label_agreement",
     "load_base_model",
     "load_sentiment_task",
-    "full_job",
-    "main_job",
     "task_for_method",
     "read_jsonl",
     "sentiment_task",
