@@ -83,8 +83,9 @@ class Runtime:
     # ---- the step ------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward() (scaled under fp16) inside the attention guard: the engine averages here.
-        A non-finite loss is backpropagated as 0 * loss with NaNs zeroed, so every process runs the same
-        collectives; ``clip_grad_norm`` then skips the step on every process."""
+        Several processes: a non-finite loss is backpropagated as a zero through the same graph, so the
+        others do not wait in its collectives (DDP's all-reduce, FSDP2's reduce-scatter) forever;
+        ``clip_grad_norm`` then skips the step on every process. One process: no backward at all."""
         self._loss_finite = bool(torch.isfinite(loss))
         if self.deepspeed:                 # DeepSpeed (UNTESTED): its backward also steps; skip it on a bad loss
             finite = self.all_finite(self._loss_finite)
@@ -94,7 +95,9 @@ class Runtime:
             self._loss_finite = finite
             return
         if not self._loss_finite:
-            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+            if self.processes == 1:
+                return                                             # nothing waits for this backward
+            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0   # applied by no process
         with attention_kernels(self.config):                       # checkpointing re-runs attention here
             (self.scaler.scale(loss) if self.scaler else loss).backward()
 

@@ -247,7 +247,7 @@ def test_bad_input_exits_2_with_one_line_naming_it(name, in_process, tmp_path, c
 
 def test_refused_resumes_name_the_checkpoint(tiny_run, in_process, tmp_path, capsys):
     out, _ = tiny_run
-    resume = ["train", *TINY, *SMALL, "--steps", "2", "--resume"]
+    resume = ["train", *TINY, *SMALL, "--preset", "sail-pr", "--steps", "2", "--resume"]
     assert main([*resume, "--out", str(out), "--set", "beta=0.2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --resume: {out / 'checkpoint.pt'} was written with other settings: ['beta']")
