@@ -151,6 +151,7 @@ def plot_comparison(results: dict, reward_label: str = "judge reward", path=None
     dashed. ``reference_lines`` {label: reward} adds labelled horizontal lines (the base policy's is always
     drawn), which also give the y-axis a scale when the methods barely move."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     methods = results["methods"]
     panels = panels or comparison_panels(list(methods))
@@ -177,8 +178,10 @@ def plot_comparison(results: dict, reward_label: str = "judge reward", path=None
             ax_front.scatter([statistics.fmean(kls)], [statistics.fmean(rewards)], color=colors[name], s=70,
                              edgecolor="k", zorder=3)
         for ax in (ax_curve, ax_front):
-            for i, (label, value) in enumerate(lines.items()):
-                ax.axhline(value, color="0.55", lw=0.9, ls=(":", "-.", (0, (1, 3)))[i % 3], label=label)
+            for i, (label, value) in enumerate(lines.items()):     # the base: grey dots; others: black dash-dots
+                ax.axhline(value, color="0.55" if i == 0 else "k", lw=0.9,
+                           ls=":" if i == 0 else ("-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)))[(i - 1) % 3], label=label)
+            ax.xaxis.set_major_locator(MaxNLocator(6))
             ax.legend(fontsize=7)
         ax_curve.set_title(title)
         ax_curve.set_xlabel("training step")
