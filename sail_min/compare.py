@@ -124,33 +124,70 @@ def format_table(results: dict, labels_column: str = "judge_labels", labels_titl
     return "\n".join(lines)
 
 
-def plot_comparison(results: dict, reward_label: str = "judge reward", path=None):
-    """Left: judge reward vs KL to base (each seed, and the mean). Right: judge reward vs step."""
-    import matplotlib.pyplot as plt
+def comparison_panels(names: Sequence[str]) -> dict[str, list[str]]:
+    """The panels of ``plot_comparison``: the baselines, then one panel per SAIL variant beside its control.
 
-    fig, (ax_front, ax_curve) = plt.subplots(1, 2, figsize=(12, 4))
-    for i, (name, m) in enumerate(results["methods"].items()):
-        color = f"C{i}"
-        rewards, kls = [r["judge_reward"] for r in m["runs"]], [r["kl"] for r in m["runs"]]
-        curves = [r["curve"] for r in m["runs"]]
-        mean_kl = [0.0] + [statistics.fmean(c[j][2] for c in curves) for j in range(len(curves[0]))]
-        mean_reward = [results["base_judge_reward"]] + [statistics.fmean(c[j][1] for c in curves)
-                                                        for j in range(len(curves[0]))]
-        ax_front.plot(mean_kl, mean_reward, "-", color=color, alpha=0.7)            # along training
-        ax_front.scatter(kls, rewards, color=color, alpha=0.4, s=20)
-        ax_front.scatter([statistics.fmean(kls)], [statistics.fmean(rewards)], color=color, s=80,
-                         edgecolor="k", label=name)
-        steps = [c[0] for c in curves[0]]
-        stats = [mean_std(curve[j][1] for curve in curves) for j in range(len(steps))]
-        ax_curve.plot([0] + steps, [results["base_judge_reward"]] + [s for s, _ in stats], color=color, label=name)
-        ax_curve.fill_between(steps, [a - b for a, b in stats], [a + b for a, b in stats], color=color, alpha=0.15)
-    ax_front.set_xlabel("KL(pi || pi_base) on held-out prompts (nats per response)")
-    ax_front.set_ylabel(reward_label)
-    ax_front.set_title("reward vs KL along training (dots: final, per seed)")
-    ax_front.legend(fontsize=8)
-    ax_curve.set_xlabel("training step")
-    ax_curve.set_ylabel(reward_label)
-    ax_curve.set_title("learning curves (mean +- std over seeds)")
+    A method ``X-control`` is the control of ``X`` and of every ``X-...`` (``sail-pr-public-hook``); a label
+    suffix `` (...)`` such as `` (lr=0.001)`` is ignored. Methods without a control go to "baselines"."""
+    def bare(name):
+        return name.split(" (")[0]
+    variants = [bare(n)[: -len("-control")] for n in names if bare(n).endswith("-control")]
+    panels, placed = {}, set()
+    for variant in variants:
+        members = [n for n in names if bare(n) == variant or bare(n).startswith(variant + "-")]
+        panels[f"{variant} beside its control"] = members
+        placed.update(members)
+    baselines = [n for n in names if n not in placed]
+    return ({"baselines": baselines} if baselines else {}) | panels
+
+
+def plot_comparison(results: dict, reward_label: str = "judge reward", path=None, panels: dict | None = None,
+                    controls: Sequence[str] = (), reference_lines: dict | None = None):
+    """Small multiples, one column per panel (default ``comparison_panels``: baselines, then each SAIL
+    variant beside its control); top: judge reward vs step (mean +- std over seeds); bottom: judge reward
+    vs KL to the base along training (mean trajectory; dots: each seed's end, the large dot their mean).
+
+    A method keeps its colour in every panel; controls (names ending in ``-control``, and ``controls``) are
+    dashed. ``reference_lines`` {label: reward} adds labelled horizontal lines (the base policy's is always
+    drawn), which also give the y-axis a scale when the methods barely move."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    methods = results["methods"]
+    panels = panels or comparison_panels(list(methods))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(methods)}
+    dashed = set(controls) | {n for n in methods if n.split(" (")[0].endswith("-control")}
+    base = results["base_judge_reward"]
+    lines = {"base policy": base, **(reference_lines or {})}
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.3 * len(panels) + 1, 7.2), sharey=True, squeeze=False)
+    for column, (title, names) in enumerate(panels.items()):
+        ax_curve, ax_front = axes[0, column], axes[1, column]
+        for name in names:
+            runs, style = methods[name]["runs"], dict(color=colors[name], ls="--" if name in dashed else "-")
+            curves = [r["curve"] for r in runs]
+            points = range(min(len(c) for c in curves))
+            steps = [curves[0][j][0] for j in points]
+            stats = [mean_std(c[j][1] for c in curves) for j in points]
+            ax_curve.plot([0] + steps, [base] + [m for m, _ in stats], label=name, **style)
+            ax_curve.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], color=colors[name],
+                                  alpha=0.12)
+            mean_kl = [0.0] + [statistics.fmean(c[j][2] for c in curves) for j in points]
+            ax_front.plot(mean_kl, [base] + [m for m, _ in stats], alpha=0.8, label=name, **style)
+            kls, rewards = [r["kl"] for r in runs], [r["judge_reward"] for r in runs]
+            ax_front.scatter(kls, rewards, color=colors[name], alpha=0.35, s=16)
+            ax_front.scatter([statistics.fmean(kls)], [statistics.fmean(rewards)], color=colors[name], s=70,
+                             edgecolor="k", zorder=3)
+        for ax in (ax_curve, ax_front):
+            for i, (label, value) in enumerate(lines.items()):     # the base: grey dots; others: black dash-dots
+                ax.axhline(value, color="0.55" if i == 0 else "k", lw=0.9,
+                           ls=":" if i == 0 else ("-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 1)))[(i - 1) % 3], label=label)
+            ax.xaxis.set_major_locator(MaxNLocator(6))
+            ax.legend(fontsize=7)
+        ax_curve.set_title(title)
+        ax_curve.set_xlabel("training step")
+        ax_front.set_xlabel("KL(pi || pi_base), held-out prompts (nats)")
+    axes[0, 0].set_ylabel(f"{reward_label}\nmean +- std over seeds")
+    axes[1, 0].set_ylabel(f"{reward_label}\nalong training; dots: each seed's end")
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=120)

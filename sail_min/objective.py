@@ -60,7 +60,8 @@ We reproduce its gradient without hooks with the surrogate
 
 Compared with the exact response term:
   * sign: log sig(z) < 0 and l < 0, so it *raises* l_w and l_l (an SFT-like bonus on the
-    sampled pair); the exact term lowers the likelihood of poorly separated pairs;
+    sampled pair); the exact term, without a baseline, lowers the likelihood of every sampled
+    pair in proportion to f = -log sig(z) (with a baseline b: those with f > b, and raises the rest);
   * scale: divided by |l|, as if l were a probability in grad p / p; and summed instead of
     averaged, i.e. batch_size x grad_accumulation_steps larger relative to the mean DPO loss.
 """

@@ -33,3 +33,25 @@ def test_frontier_plot_has_one_line_per_method(tmp_path):
                for b in (0.05, 0.1, 0.2)}
     path = plot_frontier(by_beta, "judge reward", tmp_path / "frontier.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_comparison_plot_puts_each_sail_variant_beside_its_control_with_a_legend_everywhere(tmp_path):
+    from sail_min.compare import comparison_panels, plot_comparison
+
+    names = ["offline-dpo (lr=0.001)", "online-dpo", "sail-pr", "sail-pr-control", "sail-pr-public-hook",
+             "sail-pp (lr=0.0005)", "sail-pp-control (lr=0.001)"]
+    panels = comparison_panels(names)
+    assert panels == {"baselines": ["offline-dpo (lr=0.001)", "online-dpo"],
+                      "sail-pr beside its control": ["sail-pr", "sail-pr-control", "sail-pr-public-hook"],
+                      "sail-pp beside its control": ["sail-pp (lr=0.0005)", "sail-pp-control (lr=0.001)"]}
+    results = {"base_judge_reward": 0.0, "methods": {
+        name: {"runs": [run([(7, 0.1 * k, k), (14, 0.2 * k, 2 * k)]), run([(7, 0.1, 1.0), (14, 0.3, 2.0)])]}
+        for k, name in enumerate(names, 1)}}
+    fig = plot_comparison(results, "judge reward", tmp_path / "comparison.png",
+                          reference_lines={"dataset chosen": 0.5})
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(fig.axes) == 2 * len(panels)                        # learning curves above, reward vs KL below
+    for ax in fig.axes:
+        labels = ax.get_legend_handles_labels()[1]
+        assert ax.get_legend() is not None and "base policy" in labels and "dataset chosen" in labels
+        assert len(labels) - 2 <= 6                                 # at most 6 methods on one axes
