@@ -288,7 +288,8 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, sc
                    accelerator: Accelerator | None = None) -> float | None:
     """Backward, clip, step. Several processes: ``policy`` was prepared by ``train`` (DDP, FSDP2),
     whose engine averages the gradients during backward. Returns the gradient norm before clipping,
-    or None (and leaves the weights untouched) if the loss or any gradient on any process is not finite."""
+    or None (and leaves the weights untouched) if the loss or any gradient on any process is not finite:
+    every process runs backward (a non-finite loss as a zero), then all agree, a step only if ALL are finite."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         with attention_kernels(config):
@@ -298,6 +299,11 @@ def optimizer_step(loss: torch.Tensor, policy, optimizer, config: SAILConfig, sc
                            "prepare it as train() does (_prepare)")
     optimizer.zero_grad(set_to_none=True)
     finite, unscaled = bool(torch.isfinite(loss)), False
+    if not finite and accelerator.num_processes > 1:
+        # backward all the same: the others wait in its collectives (DDP's all-reduce, FSDP2's reduce-scatter).
+        # A zero through the same graph; its gradients are never applied (all processes skip, below)
+        with attention_kernels(config):
+            torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0).backward()
     if finite:
         with attention_kernels(config):                                       # checkpointing re-runs attention here
             (scaler.scale(loss) if scaler else loss).backward()               # the engine averages here
