@@ -6,6 +6,7 @@ are finite on ALL processes. Each run is one step (``steps=1``) with the fault o
 must end (a hang is killed after ``TIMEOUT`` seconds and fails the test), skip the step on both processes
 and leave the weights as they started, finite and the same on both.
 """
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,8 @@ def run_with_a_fault(out, engine, fault):
         _, stderr = proc.communicate()
         pytest.fail(f"{engine} with {fault} on process 1 did not end in {TIMEOUT} s (a hang): {stderr[-2000:]}")
     assert proc.returncode == 0, stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0] and metrics[0]["skipped_steps"] == 1     # process 0's log
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
