@@ -241,9 +241,13 @@ class RewardModelScorer:
             if self.max_length is not None:
                 lengths = [len(ids) for ids in self.tokenizer(chunk, add_special_tokens=add_special_tokens).input_ids]
                 self.truncated += sum(length > self.max_length for length in lengths)
-            batch = self.tokenizer(chunk, padding=True, padding_side="right", return_tensors="pt",
-                                   truncation=self.max_length is not None, max_length=self.max_length,
-                                   truncation_side="left", add_special_tokens=add_special_tokens).to(device)
+            side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
+            try:                    # the attribute, not a call argument: transformers 5 ignores truncation_side=
+                batch = self.tokenizer(chunk, padding=True, padding_side="right", return_tensors="pt",
+                                       truncation=self.max_length is not None, max_length=self.max_length,
+                                       add_special_tokens=add_special_tokens).to(device)
+            finally:
+                self.tokenizer.truncation_side = side
             scores.append(reward_scores(self.model, batch.input_ids, batch.attention_mask).float().cpu())
         return torch.cat(scores)
 

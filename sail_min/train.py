@@ -91,7 +91,7 @@ class StepPairs:
     first: Responses          # y1 of every pair
     second: Responses         # y2 of every pair
     truncated_prompts: int    # prompts cut to max_prompt_tokens in this step
-    truncated_responses: int  # dataset responses (chosen or rejected) cut to max_completion_tokens
+    truncated_responses: int = 0  # dataset responses (chosen or rejected) cut to max_completion_tokens
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask, response_mask of [y1 rows; y2 rows] (``sequence_logprobs``' inputs)."""

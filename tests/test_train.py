@@ -187,8 +187,9 @@ def launch(processes: int, *args, script=("-m", "sail_min", "train")):
 
 def test_two_processes_average_gradients_like_one_process_with_the_combined_batch(tmp_path):
     """2 CPU processes x 4 pairs end with the weights of 1 process x 8 pairs (the pairs of a step are
-    drawn for all processes at once; gradients are averaged). Tolerance 1e-5: float round-off of
-    averaging two means instead of one mean over 8 pairs, through 3 AdamW steps."""
+    drawn for all processes at once; gradients are averaged) and log the same gradient norms.
+    Tolerance 1e-5: float round-off of averaging two means instead of one mean over 8 pairs, through
+    3 AdamW steps."""
     common = ["--preset", "offline-dpo", "--steps", "3", "--set", "eval_prompts=4", "--set", "eval_every=3"]
     two = launch(2, *common, "--set", "pairs_per_step=4", "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -201,6 +202,14 @@ def test_two_processes_average_gradients_like_one_process_with_the_combined_batc
     assert any(not torch.equal(weights[1][name], base[name]) for name in weights[1])         # it trained
     for name, value in weights[1].items():
         assert torch.allclose(weights[0][name], value, rtol=0, atol=1e-5), name
+    # AdamW ignores a uniform gradient scale, so the weights hardly see a sum instead of a mean over the
+    # processes (only through clipping): the logged gradient norm (before clipping) does, by a factor 2.
+    # Tolerance 1e-5 relative: float32 round-off, as for the weights (measured: 1.4e-7 at most).
+    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+             for run in ("two", "one")]
+    assert len(norms[0]) == len(norms[1]) == 3 and all(norm > 0 for norm in norms[1])
+    for two_norm, one_norm in zip(*norms):
+        assert two_norm == pytest.approx(one_norm, rel=1e-5, abs=0)
 
 
 def test_processes_that_drift_apart_are_detected(tmp_path):
