@@ -52,7 +52,7 @@ from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
 from .labels import PairLabels, check_judge_scores, implicit_reward_labels, reward_model_labels
 from .engine import GatheredState, check_in_sync, deepspeed_step, local_shard, prepare, unwrapped
 from .logprobs import ReferenceModel, has_engine, is_fully_sharded, register_engine, sequence_logprobs
-from .objective import SAILLoss, sail_loss
+from .objective import SAILLoss, baseline_groups, importance_weights, sail_loss
 from .sampling import (Responses, check_positions, compile_stats, encode_responses, sample_responses,
                        truncate_prompts_left)
 
@@ -247,9 +247,16 @@ def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConf
 # --------------------------------------------------------------------------------------
 # 4. loss
 # --------------------------------------------------------------------------------------
-def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig) -> SAILLoss:
+def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig,
+              old_logps: torch.Tensor | None = None) -> SAILLoss:
     """``objective.sail_loss`` on (chosen, rejected) as labelled, coefficients from the routes; the
-    response term's leave-one-out baseline is taken within each route."""
+    response term's leave-one-out baseline is taken within each route (``objective.baseline_groups``,
+    as in the bandit). ``old_logps``: l(y1) + l(y2) at the step that drew the pairs (a reused round,
+    ``reuse_steps > 1``): the response term gets the importance weight pi_theta / pi_old of the pair
+    (``objective.importance_weights``), so it stays unbiased on reused pairs."""
+    importance = None
+    if old_logps is not None:
+        importance = importance_weights(logps.policy_first + logps.policy_second, old_logps.to(logps.policy_first.device))
     policy_chosen, policy_rejected = labels.chosen_rejected(logps.policy_first, logps.policy_second)
     ref_chosen, ref_rejected = labels.chosen_rejected(logps.ref_first, logps.ref_second)
     response_coef, label_coef = (c.to(policy_chosen.device) for c in config.coefficients(routes))
@@ -258,8 +265,8 @@ def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config
         expected = torch.tensor([LABELS_FROM[ROUTES[r]] == "policy" for r in routes.tolist()])
     return sail_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta,
                      response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
-                     baseline=config.baseline, groups=routes.to(policy_chosen.device),   # baseline per route
-                     public_hook_scale=config.public_hook_scale, expected_labels=expected,
+                     baseline=config.baseline, groups=baseline_groups(routes.to(policy_chosen.device)),
+                     public_hook_scale=config.public_hook_scale, expected_labels=expected, response_importance=importance,
                      check_finite=False)                                               # non-finite: step skipped
 
 
@@ -414,12 +421,15 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
             pairs = draw_pairs(policy, tokenizer, task, config, step, rank, accelerator.num_processes)  # 1. draw
         t1 = time.perf_counter()
         logps = score_pairs(policy, reference, pairs, config)                                        # 2. score
+        if new_round:                                  # l_old of the round's pairs: reused pairs are importance-weighted
+            round_logps = (logps.policy_first + logps.policy_second).detach()
         t2 = time.perf_counter()
         if new_round:
             labels, judge_calls = label_pairs(pairs, logps, task, config,                            # 3. label
                                               torch.Generator().manual_seed(step_seed(config.seed, step, rank, "labels")))
         t3 = time.perf_counter()
-        loss = pair_loss(logps, labels, pairs.routes, config)                                        # 4. loss
+        loss = pair_loss(logps, labels, pairs.routes, config,                                        # 4. loss
+                         round_logps if config.reuse_steps > 1 else None)
         term_norms = (term_gradient_norms(loss, policy, pairs.routes, config)
                       if evaluating and accelerator.num_processes == 1 else {})
         grad_norm = optimizer_step(loss.loss, policy, optimizer, config, scaler, accelerator)        # 5. step
