@@ -144,7 +144,7 @@ def test_dataset_routes_need_a_dataset():
 # --------------------------------------------------------------------------------------
 from sail_min.bandit import batch_loss, draw_labels, route_counts  # noqa: E402
 from sail_min.bandit_comparison import (  # noqa: E402
-    BANDIT_METHODS, BanditMethod, BanditSetup, format_table, plan_budget, run_bandit_comparison,
+    BANDIT_METHODS, NAME_WIDTH, BanditMethod, BanditSetup, format_table, plan_budget, run_bandit_comparison,
 )
 from sail_min.objective import sail_loss  # noqa: E402
 
@@ -291,7 +291,8 @@ def test_controls_zero_expected_gradient_from_self_labelled_pairs():
     g = torch.Generator().manual_seed(0)
     chosen = torch.randint(5, (1, 3, 10), generator=g)
     rejected = torch.randint(5, (1, 3, 10), generator=g)
-    for name, self_route in (("SAIL-PP control (pi=0, expected)", 2), ("SAIL-DP control (rho=0, expected)", 1)):
+    for name, self_route in (("SAIL-PP control (pi=0, label averaged out)", 2),
+                             ("SAIL-DP control (rho=0, label averaged out)", 1)):
         config = BANDIT_METHODS[name].config
         route = torch.tensor([0] * 7 + [self_route] * 3).expand(1, 3, 10)
         full = grad_of(lambda t: batch_loss(t, bandit, config, chosen, rejected, route, label_mode="expected").loss,
@@ -311,13 +312,13 @@ def test_table_shows_each_variant_beside_its_control_and_the_labels_spent():
         assert all(entry["labels_spent"] == int(budget) and entry["optimizer_steps"] == 6 for entry in block.values())
     for variant, control in (("SAIL-PR", "SAIL-PR control (gamma=0)"), ("SAIL-PP", "SAIL-PP control (pi=0)"),
                              ("SAIL-DP", "SAIL-DP control (rho=0)"),
-                             ("SAIL-PP (expected labels)", "SAIL-PP control (pi=0, expected)"),
-                             ("SAIL-DP (expected labels)", "SAIL-DP control (rho=0, expected)")):
+                             ("SAIL-PP (label averaged out)", "SAIL-PP control (pi=0, label averaged out)"),
+                             ("SAIL-DP (label averaged out)", "SAIL-DP control (rho=0, label averaged out)")):
         assert results["methods"][variant]["control"] == control
-        rows = [i for i, line in enumerate(lines) if line[:34].rstrip() == variant]
+        rows = [i for i, line in enumerate(lines) if line[:NAME_WIDTH].rstrip() == variant]
         assert len(rows) == 2                                              # one per budget
         for i in rows:
-            assert lines[i + 1][:34].rstrip() == control                  # its control right below it
+            assert lines[i + 1][:NAME_WIDTH].rstrip() == control          # its control right below it
             assert lines[i].count("+-") == 5 and lines[i + 1].count("+-") == 3   # the variant has the differences
             assert " 64 " in lines[i] or " 16 " in lines[i]                # labels spent
     assert "KL(pi||pi*)" in lines[1] and lines[1].index("KL(pi||pi*)") < lines[1].index("true reward")
