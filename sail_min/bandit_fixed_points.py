@@ -9,7 +9,7 @@ and training with infinite data, fresh samples and a small step follows d theta 
 A fixed point solves G(theta) = 0 (up to the softmax's constant per prompt). The controls' fixed point is
 pi* (a DPO term with oracle labels on any pair distribution of full support is stationary there); each
 extra term moves it. ``fixed_point`` follows the flow (Adam) from pi_ref and polishes the end with
-Newton's method; ``continue_in_coefficient`` follows a fixed point as a coefficient grows.
+Newton's method; ``sweep`` does it for each value of a coefficient.
 
 The field of one prompt depends on that prompt's logits only, so the Jacobian is block diagonal:
 K central differences (every prompt perturbed at once) give all M blocks of K x K.
@@ -109,14 +109,28 @@ def describe(theta: torch.Tensor, bandit: Bandit, config: SAILConfig) -> dict:
             "logits": theta.tolist()}
 
 
-def continue_in_coefficient(bandit: Bandit, config_of, coefs, steps: int = 500, lr: float = 0.02) -> list[dict]:
-    """Fixed points along a growing coefficient: the flow started from the previous fixed point (the first
-    from pi*, the fixed point at coefficient 0), then Newton. ``config_of(c)`` builds the config."""
-    theta, out = bandit.optimal_logits, []
-    for c in coefs:
-        theta, residual, iterations = newton(flow(bandit, config_of(c), steps, lr, start=theta), bandit, config_of(c))
-        out.append({"coef": c, "residual": residual, **describe(theta, bandit, config_of(c))})
-    return out
+def sweep(bandit: Bandit, config_of, coefs, steps: int = 1000) -> list[dict]:
+    """The fixed point of each coefficient's flow from pi_ref (``fixed_point``); ``config_of(c)`` builds the
+    config. (Continuing from the previous coefficient's point instead can end on another fixed point: where
+    pi_ref gives a response almost no mass, the field is nearly flat and several stable points exist.)"""
+    return [{"coef": c, **fixed_point(bandit, config_of(c), steps)} for c in coefs]
+
+
+def where_mass_goes(theta: torch.Tensor, bandit: Bandit) -> dict:
+    r"""Where a fixed point puts the mass it gains over pi*: gained = sum_y max(pi(y) - pi*(y), 0) per prompt, and
+    the share of it on responses whose true reward is below pi*'s mean reward E_{pi*}[r*] on that prompt
+    (averaged over prompts, weighted by the gained mass)."""
+    pi, opt = torch.softmax(theta, -1), torch.softmax(bandit.optimal_logits, -1)
+    gain = (pi - opt).clamp(min=0)
+    below = bandit.true_reward < (opt * bandit.true_reward).sum(-1, keepdim=True)
+    return {"gained_mass": gain.sum(-1).mean().item(), "share_below_mean": ((gain * below).sum() / gain.sum()).item()}
+
+
+def expected_pair_loglik(reward_gap: torch.Tensor) -> torch.Tensor:
+    r"""E_label[log sig(z)] of a pair at pi*, where z = r*_1 - r*_2 and the label is the oracle's sig(r*_1 - r*_2):
+    -H(sig(gap)), the negative binary entropy: -log 2 for a tie (a coin flip), -> 0 for a clear gap."""
+    p = torch.sigmoid(reward_gap)
+    return p * torch.nn.functional.logsigmoid(reward_gap) + (1 - p) * torch.nn.functional.logsigmoid(-reward_gap)
 
 
 class ArgmaxBandit(Bandit):
@@ -202,41 +216,52 @@ def decompose_gap(setup, seeds: int | None = None) -> dict:
     return {"budget": setup.headline_budget, "final_kl_opt": runs}
 
 
-def run_all(setup, progress=print) -> dict:
-    """Everything notebook 02 reads: presets (flow + Newton), sweeps (continuation), two references for
-    SAIL-PP, argmax-label flows, and the decomposition of SAIL-PR's finite-sample gap."""
-    problem = dict(n_prompts=setup.n_prompts, n_responses=setup.n_responses, beta=setup.beta,
-                   seed=setup.problem_seed)
+PARTS = ("presets", "sweeps", "coverage", "argmax", "decomposition")
+
+
+def run_part(part: str, setup, progress=print) -> dict:
+    """One part of what notebook 02 reads: presets (flow + Newton), coefficient sweeps, two references for
+    SAIL-PP, argmax-label flows, or the decomposition of SAIL-PR's finite-sample gap."""
+    problem = dict(n_prompts=setup.n_prompts, n_responses=setup.n_responses, beta=setup.beta, seed=setup.problem_seed)
     bandit = make_bandit(**problem, ref_scale=setup.ref_scale)
-    out = {"problem": {**problem, "ref_scale": setup.ref_scale}, "presets": {}, "sweeps": {}}
-    for name, config in PRESETS.items():
-        out["presets"][name] = fixed_point(bandit, config)
-        progress(f"preset {name}: KL {out['presets'][name]['kl_opt']:.4f} |G| {out['presets'][name]['residual']:.1e}")
-    for name, config_of in SWEEPS.items():
-        out["sweeps"][name] = continue_in_coefficient(bandit, config_of, COEFS)
-        progress(f"sweep {name}: " + " ".join(f"{p['kl_opt']:.4f}" for p in out["sweeps"][name]))
-    out["coverage"] = coverage(problem)
-    progress("coverage: " + " ".join(f"{c['ref_scale']}: {c['kl_opt']:.4f}" for c in out["coverage"]))
-    out["argmax"] = argmax_flows(bandit)
-    progress("argmax flows done")
-    out["decomposition"] = decompose_gap(setup)
-    progress("decomposition done")
-    return out
+    if part == "presets":
+        out = {}
+        for name, config in PRESETS.items():
+            out[name] = fixed_point(bandit, config)
+            progress(f"preset {name}: KL {out[name]['kl_opt']:.4f} |G| {out[name]['residual']:.1e}")
+        return {"problem": {**problem, "ref_scale": setup.ref_scale}, "presets": out}
+    if part == "sweeps":
+        out = {}
+        for name, config_of in SWEEPS.items():
+            out[name] = sweep(bandit, config_of, COEFS)
+            progress(f"sweep {name}: " + " ".join(f"{p['kl_opt']:.4f} ({p['residual']:.0e})" for p in out[name]))
+        return {"sweeps": out}
+    if part == "coverage":
+        return {"coverage": coverage(problem)}
+    if part == "argmax":
+        return {"argmax": argmax_flows(bandit)}
+    if part == "decomposition":
+        return {"decomposition": decompose_gap(setup)}
+    raise ValueError(f"part must be one of {PARTS}, got {part!r}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sail_min.bandit_fixed_points", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/bandit")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="compute these parts and merge them into OUT/fixed_points.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from .bandit_comparison import BanditSetup
     setup = BanditSetup.full()
-    start = time.perf_counter()
-    results = run_all(setup)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "fixed_points.json"
-    path.write_text(json.dumps(results))
-    print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for part in args.parts:
+        start = time.perf_counter()
+        result = run_part(part, setup)
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**merged, **result}))
+        print(f"{part}: merged into {path} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -442,3 +442,24 @@ def test_bandit_public_term_weighs_the_configs_hook_scale():
     loss_on, loss_off = (batch_loss(theta, bandit, c, chosen, rejected, route) for c in (on, off))
     per_run_mean = loss_on.response.view(2, 12).mean(1)
     assert torch.allclose(loss_on.loss - loss_off.loss, 8.0 * 0.3 * per_run_mean.sum(), rtol=1e-13, atol=0)
+
+
+def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
+    """train.pair_loss(old_logps=...): w = 1 on the step that drew the pairs (same loss as without), and on a
+    later step the response term of each pair scaled by pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)),
+    the DPO term untouched."""
+    from sail_min.labels import PairLabels
+    from sail_min.train import PairLogps, pair_loss
+
+    g = torch.Generator().manual_seed(0)
+    now = PairLogps(*(-3 - torch.rand(6, dtype=F64, generator=g) for _ in range(4)))
+    labels, routes = PairLabels(torch.tensor([True, False, True, True, False, True])), torch.tensor([3, 3, 3, 0, 3, 3])
+    config = SAILConfig(route_dpo=0.5, route_pr=0.5, pr_response_coef=0.5)
+    total = now.policy_first + now.policy_second
+    plain = pair_loss(now, labels, routes, config)
+    same = pair_loss(now, labels, routes, config, old_logps=total)
+    assert torch.equal(plain.loss, same.loss)
+    shift = torch.tensor([0.3, -0.2, 0.1, 0.5, 0.0, -0.4], dtype=F64)
+    later = pair_loss(now, labels, routes, config, old_logps=total - shift)
+    assert torch.allclose(later.response, shift.exp() * plain.response, rtol=1e-14, atol=0)
+    assert torch.equal(later.parts["dpo"], plain.parts["dpo"])
