@@ -15,7 +15,8 @@ One optimiser step is five functions, each a few lines, called in order by ``tra
               the step's inputs are saved for ``replay_skipped_step``.
 
 With ``reuse_steps = R > 1`` (iterative DPO in rounds) steps 1 and 3 run once per round of R steps:
-the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step.
+the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step, and
+the response term of a reused pair weighted by pi_theta / pi_old of the pair (``objective.importance_weights``).
 
 Every random choice of step t is seeded by (seed, t, purpose), so a run resumed from a checkpoint
 draws exactly what the uninterrupted run would have drawn. Metrics go to
