@@ -463,3 +463,23 @@ def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
     later = pair_loss(now, labels, routes, config, old_logps=total - shift)
     assert torch.allclose(later.response, shift.exp() * plain.response, rtol=1e-14, atol=0)
     assert torch.equal(later.parts["dpo"], plain.parts["dpo"])
+
+
+def test_fixed_points_controls_at_pi_star_and_each_extra_term_away_from_it():
+    """bandit_fixed_points: every control's exact field vanishes at pi* (a DPO term with oracle labels is
+    stationary there on any pair distribution); each preset's extra term has a stable fixed point (|G| at
+    round-off, every decay rate > 0) away from pi*, and the bias grows with the coefficient."""
+    from sail_min.bandit_fixed_points import PRESETS, field, fixed_point, sweep
+
+    bandit = make_bandit(n_prompts=3, n_responses=4, beta=0.5, seed=2)
+    for name, config in PRESETS.items():
+        at_opt = field(bandit.optimal_logits, bandit, config).abs().max()
+        if "control" in name or name == "online DPO":
+            assert at_opt < 1e-15, name
+        else:
+            assert at_opt > 1e-4, name                       # pi* is not a fixed point of the variant
+            point = fixed_point(bandit, config, steps=800)
+            assert point["residual"] < 1e-12 and point["min_decay_rate"] > 0 and point["kl_opt"] > 1e-6, name
+    kls = [p["kl_opt"] for p in sweep(bandit, lambda c: SAILConfig.preset("online-dpo", pr_response_coef=c),
+                                      (0.1, 0.3, 1.0), steps=800)]
+    assert kls == sorted(kls) and kls[0] > 0
