@@ -17,6 +17,12 @@ allows (each round one fresh batch, at most one round per step), iterative DPO a
 A method that routes pairs both to the dataset and to oracle-labelled policy pairs (SAIL-PR)
 splits B in proportion to its route probabilities; self-labelled pairs cost no labels.
 
+**The harness, as in the LM loop.** The response term's leave-one-out baseline is taken per route
+(``objective.baseline_groups``), the public-code term weighs ``public_hook_scale``, and a reused pair's
+response term is importance-weighted by pi_theta / pi_old of the pair (``objective.importance_weights``,
+clipped at ``IMPORTANCE_CLIP``; each run counts its clipped weights). Where each variant's exact expected
+update leads, without samples, is ``bandit_fixed_points``.
+
 **Scores.** The headline metric is KL(pi || pi*) (lower is better): pi* maximises
 E[r*] - beta KL(pi || pi_ref), and KL(pi || pi*) = (V(pi*) - V(pi)) / beta for that value V, so it
 is the regret in the objective RLHF optimises. True reward alone can exceed pi*'s (by paying more
