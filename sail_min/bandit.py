@@ -19,18 +19,18 @@ seeds at once; ``sail_min.check`` compares the exact quantities.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
-from .objective import (
-    SAILLoss, dpo_logits, dpo_loss, label_term, loo_baseline, public_code_response_term, response_term, sail_loss,
-)
+from .objective import IMPORTANCE_CLIP, baseline_groups, importance_weights, sail_loss
 
 LABEL_MODES = ("sampled", "expected")
-"""How self-labelled pairs get their label: drawn from the policy's sig(z), or averaged out exactly."""
+"""How self-labelled pairs get their label: drawn from the policy's sig(z), or "expected": the label
+averaged out exactly (the pair itself, and so its response term, is still sampled)."""
 
 
 @dataclass
@@ -228,11 +228,16 @@ def sample_pairs(theta, bandit: Bandit, config: SAILConfig, pairs_per_prompt: in
     return chosen, rejected, route
 
 
-def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline="loo",
-               label_mode="sampled"):
-    """``sail_loss`` of sampled pairs [S, M, N] for S independent runs: the sum over runs of
-    each run's batch mean, with the leave-one-out baseline (if any) taken per (run, prompt).
+def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline=None,
+               label_mode="sampled", old_logps=None):
+    """``sail_loss`` of sampled pairs [S, M, N] for S independent runs: the sum over runs of each
+    run's batch mean. As in the training loop (``train.pair_loss``): the leave-one-out baseline is
+    taken per route (``objective.baseline_groups``; here also per run), ``baseline`` defaults to
+    ``config.baseline``, and the public-code term weighs ``config.public_hook_scale``.
 
+    ``old_logps`` [S, M, N] (optional): log pi_old(chosen) + log pi_old(rejected) at the step that drew
+    each pair; a reused pair's response term gets the importance weight pi_theta / pi_old of the pair
+    (``objective.importance_weights``; 1 for a pair drawn this step).
     ``label_mode="expected"``: pairs of the self-labelled routes (dp, pp) are taken as unlabelled
     pairs (chosen, rejected) = (y1, y2) and their label is averaged out exactly with the policy's
     own P(y1 > y2) = sig(z) (``objective.expected_label_terms``); other pairs keep their label."""
@@ -243,10 +248,14 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
     log_pi = torch.log_softmax(theta, -1)
     log_ref = bandit.log_ref.expand_as(log_pi)
     response_coef, label_coef = config.coefficients(route.flatten(), theta.dtype)
-    args = (log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten(),
+    policy_chosen, policy_rejected = log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten()
+    args = (policy_chosen, policy_rejected,
             log_ref[s_idx, x_idx, chosen].flatten(), log_ref[s_idx, x_idx, rejected].flatten(), bandit.beta)
+    importance = None if old_logps is None else importance_weights(policy_chosen + policy_rejected, old_logps.flatten())
     kwargs = dict(response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
-                  baseline=baseline, groups=(s_idx * M + x_idx).expand(S, M, N).flatten(),
+                  baseline=config.baseline if baseline is None else baseline,
+                  groups=baseline_groups(route.flatten(), s_idx.expand(S, M, N).flatten()),
+                  public_hook_scale=config.public_hook_scale, response_importance=importance,
                   weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype))
     if label_mode == "sampled":
         return sail_loss(*args, **kwargs)
@@ -284,7 +293,7 @@ def pass_order(n_seeds: int, n_prompts: int, pool: int, count: int, generator) -
 
 def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pairs_per_prompt=16,
                   offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0, *, online_pairs_per_prompt=None,
-                  reuse_steps=1, label_mode="sampled") -> dict:
+                  reuse_steps=1, label_mode="sampled", importance_weighting=True) -> dict:
     r"""Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
 
     Each step takes ``pairs_per_prompt`` pairs per prompt, split between the routes in fixed
@@ -302,6 +311,11 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
 
     Self-labelled pairs (dp, pp) get a label drawn from the policy's sig(z), or, with
     ``label_mode="expected"``, the label averaged out exactly (``objective.expected_label_terms``).
+
+    A reused oracle-labelled pair was drawn from an older policy pi_old: its response term gets the
+    importance weight pi_theta / pi_old of the pair (``objective.importance_weights``), so that its
+    expectation is the current policy's; ``importance_weighting=False`` leaves it unweighted (biased,
+    kept to measure the bias). Weights above the clip are counted in ``clipped_weights``.
 
     Oracle labels are counted: 2 per labelled pair (the judge scores both responses), the
     dataset's included when the config routes any pair to it. Runs start at pi_ref and differ
@@ -333,7 +347,8 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
                              f"(steps={steps}, reuse_steps={reuse_steps})")
     runs = [bandit.ref_logits.clone().requires_grad_(True) for _ in range(S)]   # one tensor per run,
     opt = torch.optim.Adam(runs, lr=lr)                                          # so a run can skip alone
-    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "labels": [], "skipped_steps": [0] * S}
+    history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "labels": [], "skipped_steps": [0] * S,
+               "clipped_weights": 0}
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     route = torch.cat([torch.full((b,), k) for k, b in enumerate((b_dpo, b_dp, b_pp, b_pr))]).expand(S, M, -1)
     rounds_done = 0
@@ -363,6 +378,7 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
                     n = online // n_rounds + (rounds_done < online % n_rounds)
                     y = _policy_samples(theta, 2 * n, g).view(S, M, 2, n)
                     pool_chosen, pool_rejected = draw_labels(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], g)
+                    pool_old = _pair_logps(theta, pool_chosen, pool_rejected)    # log pi_old of each pair
                     k = min(reuse_steps, steps - step)
                     pool_order = pass_order(S, M, n, k * b_pr, g).view(S, M, k, b_pr)
                     labels += 2 * n
@@ -371,8 +387,15 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
                 parts.append((pool_chosen.gather(2, pick), pool_rejected.gather(2, pick)))
             chosen = torch.cat([c for c, _ in parts], -1)
             rejected = torch.cat([r for _, r in parts], -1)
+            old_logps = None                                                     # every pair drawn now: w = 1
+            if b_pr and importance_weighting and reuse_steps > 1:
+                now = _pair_logps(theta, chosen, rejected)
+                old_logps = now.clone()
+                old_logps[..., b_dpo + b_dp + b_pp:] = pool_old.gather(2, pick)  # reused pairs: w = pi / pi_old
+                history["clipped_weights"] += int((now - old_logps > math.log(IMPORTANCE_CLIP)).sum())
         opt.zero_grad()
-        batch_loss(theta, bandit, config, chosen, rejected, route, label_mode=label_mode).loss.backward()
+        batch_loss(theta, bandit, config, chosen, rejected, route, label_mode=label_mode,
+                   old_logps=old_logps).loss.backward()
         for s, run in enumerate(runs):
             if not torch.isfinite(run.grad).all():   # Adam skips a parameter whose grad is None
                 run.grad = None
@@ -381,6 +404,12 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
     history.update(labels_per_prompt=labels, optimizer_steps=steps, rounds=rounds_done if b_pr else 0,
                    reuse_steps=reuse_steps if b_pr else steps)
     return history
+
+
+def _pair_logps(theta, chosen, rejected):
+    """log pi_theta(chosen) + log pi_theta(rejected) of pairs [S, M, N], detached."""
+    log_pi = torch.log_softmax(theta.detach(), -1)
+    return log_pi.gather(2, chosen) + log_pi.gather(2, rejected)
 
 
 def _self_prefs(theta, bandit):

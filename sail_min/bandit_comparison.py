@@ -17,6 +17,12 @@ allows (each round one fresh batch, at most one round per step), iterative DPO a
 A method that routes pairs both to the dataset and to oracle-labelled policy pairs (SAIL-PR)
 splits B in proportion to its route probabilities; self-labelled pairs cost no labels.
 
+**The harness, as in the LM loop.** The response term's leave-one-out baseline is taken per route
+(``objective.baseline_groups``), the public-code term weighs ``public_hook_scale``, and a reused pair's
+response term is importance-weighted by pi_theta / pi_old of the pair (``objective.importance_weights``,
+clipped at ``IMPORTANCE_CLIP``; each run counts its clipped weights). Where each variant's exact expected
+update leads, without samples, is ``bandit_fixed_points``.
+
 **Scores.** The headline metric is KL(pi || pi*) (lower is better): pi* maximises
 E[r*] - beta KL(pi || pi_ref), and KL(pi || pi*) = (V(pi*) - V(pi)) / beta for that value V, so it
 is the regret in the objective RLHF optimises. True reward alone can exceed pi*'s (by paying more
@@ -56,7 +62,8 @@ class BanditMethod:
     """"online": as many labelling rounds as the budget allows (each round at least one batch of
     fresh pairs, at most one round per step); an integer: that many rounds (iterative DPO)"""
     label_mode: str = "sampled"
-    """self-labelled pairs: "sampled" (a draw of the policy's sig(z)) or "expected" (averaged out)"""
+    """self-labelled pairs: "sampled" (a draw of the policy's sig(z)) or "expected" (the label averaged out;
+    the pair and its response term are still sampled)"""
     control: str | None = None
     """the method whose difference to this one isolates this one's extra terms"""
 
@@ -81,12 +88,15 @@ BANDIT_METHODS = {
     "SAIL-PR (public-code term)": _m("sail-pr", control="SAIL-PR control (gamma=0)", response_mode="public"),
     "SAIL-PP": _m("sail-pp", control="SAIL-PP control (pi=0)"),
     "SAIL-PP control (pi=0)": _m("sail-pp", pp_coef=0.0),
-    "SAIL-PP (expected labels)": _m("sail-pp", control="SAIL-PP control (pi=0, expected)", label_mode="expected"),
-    "SAIL-PP control (pi=0, expected)": _m("sail-pp", label_mode="expected", pp_coef=0.0),
+    # label averaged out (the pair, and so the response term, is still sampled)
+    "SAIL-PP (label averaged out)": _m("sail-pp", control="SAIL-PP control (pi=0, label averaged out)",
+                                       label_mode="expected"),
+    "SAIL-PP control (pi=0, label averaged out)": _m("sail-pp", label_mode="expected", pp_coef=0.0),
     "SAIL-DP": _m("sail-dp", control="SAIL-DP control (rho=0)"),
     "SAIL-DP control (rho=0)": _m("sail-dp", dp_label_coef=0.0),
-    "SAIL-DP (expected labels)": _m("sail-dp", control="SAIL-DP control (rho=0, expected)", label_mode="expected"),
-    "SAIL-DP control (rho=0, expected)": _m("sail-dp", label_mode="expected", dp_label_coef=0.0),
+    "SAIL-DP (label averaged out)": _m("sail-dp", control="SAIL-DP control (rho=0, label averaged out)",
+                                       label_mode="expected"),
+    "SAIL-DP control (rho=0, label averaged out)": _m("sail-dp", label_mode="expected", dp_label_coef=0.0),
     # coefficient sweep of the exact response term on top of 100% online DPO (its control)
     "online DPO + response 0.1": _m("online-dpo", control="online DPO", pr_response_coef=0.1),
     "online DPO + response 0.3": _m("online-dpo", control="online DPO", pr_response_coef=0.3),
@@ -215,7 +225,7 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
             entry = {"config": _changed_fields(method.config), "label_mode": method.label_mode, "control": method.control,
                      "plan": plan, "labels_spent": history["labels_per_prompt"],
                      "optimizer_steps": history["optimizer_steps"], "rounds": history["rounds"],
-                     "skipped_steps": sum(history["skipped_steps"]),
+                     "skipped_steps": sum(history["skipped_steps"]), "clipped_weights": history["clipped_weights"],
                      "final": {key: mean_std(v) for key, v in per_seed.items()}, "final_per_seed": per_seed,
                      "seconds": time.perf_counter() - start}
             if budget == headline:
@@ -234,13 +244,17 @@ def control_difference(results: dict, name: str, budget=None, key="kl_opt") -> t
     return mean_std([x - y for x, y in zip(a, b)])
 
 
+NAME_WIDTH = 44
+"""width of the method column of the text tables"""
+
+
 def format_table(results: dict, budget=None) -> str:
     """A plain-text table per budget: labels spent, steps, KL(pi || pi*) (the headline), true
     reward, KL(pi || pi_ref), and each variant's paired difference to its control (the row below
     it), mean +- std over seeds. ``budget``: one budget only (default: all of them)."""
     budgets = [str(budget)] if budget is not None else list(results["by_budget"])
     setup, n = results["setup"], results["setup"]["n_seeds"]
-    head = (f"{'method':34s} {'labels':>6s} {'data+online':>11s} {'rounds x reuse':>14s} {'KL(pi||pi*)':>15s} "
+    head = (f"{'method':{NAME_WIDTH}s} {'labels':>6s} {'data+online':>11s} {'rounds x reuse':>14s} {'KL(pi||pi*)':>15s} "
             f"{'true reward':>15s} {'KL(pi||pi_ref)':>15s} {'dKL vs control':>15s} {'dreward vs ctrl':>15s} {'skip':>5s}")
     width = len(head)
     lines = []
@@ -257,15 +271,35 @@ def format_table(results: dict, budget=None) -> str:
             plan = res["plan"]
             split = f"{2 * plan['offline_pairs']}+{2 * plan['online_pairs']}"
             rounds = f"{res['rounds']} x {plan['reuse_steps']}" if res["rounds"] else "-"
-            lines.append(f"{name:34s} {res['labels_spent']:6d} {split:>11s} {rounds:>14s} {cells[0]:>15s} {cells[1]:>15s} "
+            lines.append(f"{name:{NAME_WIDTH}s} {res['labels_spent']:6d} {split:>11s} {rounds:>14s} {cells[0]:>15s} {cells[1]:>15s} "
                          f"{cells[2]:>15s} {cells[3]:>15s} {cells[4]:>15s} {res['skipped_steps']:5d}")
         lines.append("-" * width)
     for name, reward, kl_ref, kl_opt in (("pi_ref", results["reference_reward"], 0.0, results["reference_kl_opt"]),
                                          ("pi* (closed form)", results["optimal_reward"], results["optimal_kl_ref"], 0.0)):
-        lines.append(f"{name:34s} {'':6s} {'':11s} {'':14s} {kl_opt:6.3f}{'':9s} {reward:6.3f}{'':9s} {kl_ref:6.3f}")
+        lines.append(f"{name:{NAME_WIDTH}s} {'':6s} {'':11s} {'':14s} {kl_opt:6.3f}{'':9s} {reward:6.3f}{'':9s} {kl_ref:6.3f}")
     lines.append(f"(mean +- std over {n} seeds; labels: oracle labels per prompt spent, 2 per judged pair, dataset "
                  f"included; d... vs control: the method minus its control, paired by seed; a control is the same "
                  f"routing with the extra terms off, listed right below its variant (the response sweep's is online DPO))")
+    return "\n".join(lines)
+
+
+def format_summary(results: dict, methods=None, budget=None) -> str:
+    """A narrow table at one budget (default: the headline): KL(pi || pi*), true reward, and each variant's
+    paired difference in KL(pi || pi*) to its control, mean +- standard error over seeds."""
+    budget = str(budget or results["headline_budget"])
+    block = results["by_budget"][budget]
+    n = results["setup"]["n_seeds"]
+    lines = [f"{'method':{NAME_WIDTH}s} {'KL(pi||pi*)':>15s} {'true reward':>15s} {'dKL vs control (SE)':>20s}"]
+    for name in methods or list(block):
+        res = block[name]
+        cells = [f"{m:6.3f} +- {s:5.3f}" for m, s in (res["final"][k] for k in ("kl_opt", "reward"))]
+        diff = ""
+        if res["control"]:
+            d, sd = control_difference(results, name, budget)
+            diff = f"{d:+6.3f} +- {sd / n ** 0.5:5.3f}"
+        lines.append(f"{name:{NAME_WIDTH}s} {cells[0]:>15s} {cells[1]:>15s} {diff:>20s}")
+    lines.append(f"(budget {budget} oracle labels per prompt; mean +- std over {n} seeds; the difference to the control "
+                 f"is paired by seed, +- its standard error)")
     return "\n".join(lines)
 
 
@@ -285,31 +319,72 @@ PANELS = [("kl_opt", "KL(pi || pi*) (nats, lower is better)"), ("reward", "true 
           ("kl_ref", "KL(pi || pi_ref) (nats)")]
 
 
-def plot_bandit_comparison(results: dict, methods=None, path=None):
-    """Curves at the headline budget of KL(pi || pi*), true reward and KL(pi || pi_ref) vs step:
-    mean line, +- std band."""
+def curve_groups(results: dict, methods=None) -> list[tuple[str, list[str]]]:
+    """Panels of the curve plot: the methods without a control together (the DPO baselines), then each
+    control with the variants it controls (<= 5 curves per panel)."""
+    methods = methods or list(results["methods"])
+    entries = results["methods"]
+    controls = [m for m in methods if any(entries[v]["control"] == m for v in methods)]
+    plain = [m for m in methods if entries[m]["control"] is None and m not in controls]
+    groups = [("DPO baselines", plain)] if plain else []
+    for control in controls:
+        groups.append((f"vs {control}", [control] + [v for v in methods if entries[v]["control"] == control]))
+    return groups
+
+
+def plot_bandit_comparison(results: dict, methods=None, path=None, key="kl_opt"):
+    """KL(pi || pi*) (or ``key``) against the optimiser step at the headline budget, one panel per
+    control with its variants (``curve_groups``): mean line, +- std band over seeds."""
     import matplotlib.pyplot as plt
 
-    methods = methods or list(results["methods"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (key, label) in zip(axes, PANELS):
-        for name in methods:
+    groups = curve_groups(results, methods)
+    cols = min(4, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True, squeeze=False)
+    label = dict(PANELS)[key]
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (title, names) in zip(axes.flat, groups):
+        for i, name in enumerate(names):
             hist = results["methods"][name]["history"]
             stats = [mean_std(v) for v in hist[key]]
-            mean = [m for m, _ in stats]
-            ax.plot(hist["step"], mean, label=name)
-            ax.fill_between(hist["step"], [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+            ax.plot(hist["step"], [m for m, _ in stats], color=f"C{i}", ls="--" if i == 0 and title != "DPO baselines"
+                    else "-", label=name)
+            ax.fill_between(hist["step"], [m - s for m, s in stats], [m + s for m, s in stats], color=f"C{i}", alpha=0.15)
         ax.set_xlabel("optimiser step")
-        ax.set_ylabel(label)
-    axes[0].set_yscale("log")
-    _mark_optimum_and_reference(axes[1], results)
-    axes[1].legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel(label)
+    axes[0][0].set_yscale("log" if key == "kl_opt" else "linear")
     fig.suptitle(f"bandit, {results['headline_budget']} oracle labels per prompt: mean over "
-                 f"{results['setup']['n_seeds']} seeds, band = +- 1 std", y=1.02)
+                 f"{results['setup']['n_seeds']} seeds, band = +- 1 std; each SAIL variant beside its control (dashed)",
+                 y=1.03, fontsize=10)
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
+
+
+def plot_control_differences(results: dict, budget=None, ax=None):
+    """Dot plot: each variant minus its control in final KL(pi || pi*), paired by seed, +- 1 standard error."""
+    import matplotlib.pyplot as plt
+
+    budget = str(budget or results["headline_budget"])
+    block, n = results["by_budget"][budget], results["setup"]["n_seeds"]
+    names = [name for name, res in block.items() if res["control"]]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 0.35 * len(names) + 1))
+    stats = [control_difference(results, name, budget) for name in names]
+    ax.errorbar([d for d, _ in stats], range(len(names)), xerr=[sd / n ** 0.5 for _, sd in stats], fmt="o",
+                capsize=3, label="variant - control, +- 1 SE")
+    ax.axvline(0, color="k", lw=1, label="no difference")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("change in final KL(pi || pi*) vs its control (nats; > 0 = further from pi*)")
+    ax.set_title(f"{budget} oracle labels per prompt, {n} seeds (paired by seed)", fontsize=9)
+    ax.legend(fontsize=7)
+    return ax.figure
 
 
 def _mark_optimum_and_reference(ax, results):
@@ -319,8 +394,9 @@ def _mark_optimum_and_reference(ax, results):
 
 
 BUDGET_PLOT_METHODS = ["offline DPO", "online DPO", "iterative DPO (4 rounds)"]
-CONTROL_PANELS = [("SAIL-PR", ["SAIL-PR"]), ("SAIL-PP", ["SAIL-PP", "SAIL-PP (expected labels)"]),
-                  ("SAIL-DP", ["SAIL-DP", "SAIL-DP (expected labels)"])]
+CONTROL_PANELS = [("SAIL-PR", ["SAIL-PR", "SAIL-PR (public-code term)"]),
+                  ("SAIL-PP", ["SAIL-PP", "SAIL-PP (label averaged out)"]),
+                  ("SAIL-DP", ["SAIL-DP", "SAIL-DP (label averaged out)"])]
 
 
 def _budget_curve(ax, results, name, key, budgets, shift=1.0, **style):
@@ -340,7 +416,7 @@ def plot_budgets(results: dict, methods=None, path=None):
     """Final numbers against the oracle labels per prompt spent (2 per judged pair, dataset
     included), mean over seeds, error bar +- 1 std. Top: KL(pi || pi*) and true reward of
     ``methods`` (default: offline, online and iterative DPO). Bottom: KL(pi || pi*) of each SAIL
-    variant (solid) beside its control (dashed, same colour)."""
+    variant minus its control (paired by seed, error bar +- 1 standard error)."""
     import matplotlib.pyplot as plt
 
     methods = methods or [m for m in BUDGET_PLOT_METHODS if m in results["methods"]]
@@ -357,20 +433,21 @@ def plot_budgets(results: dict, methods=None, path=None):
     _mark_optimum_and_reference(top[1], results)
     top[0].legend(fontsize=8)
     top[1].legend(fontsize=8)
+    n = results["setup"]["n_seeds"]
     for col, (title, variants) in enumerate(CONTROL_PANELS):
         variants = [v for v in variants if v in results["methods"]]
         if not variants:
             continue
         ax = fig.add_subplot(grid[1, 2 * col: 2 * col + 2])
         for i, name in enumerate(variants):
-            colour = f"C{3 + i}"
-            _budget_curve(ax, results, name, "kl_opt", budgets, 1.0 + 0.08 * (i - 0.5), color=colour)
-            _budget_curve(ax, results, results["methods"][name]["control"], "kl_opt", budgets,
-                          1.0 + 0.08 * (i - 0.5) + 0.04, color=colour, ls="--", alpha=0.8)
+            stats = [control_difference(results, name, b) for b in budgets]
+            ax.errorbar([b * (1.0 + 0.06 * (i - 0.5)) for b in budgets], [d for d, _ in stats],
+                        yerr=[sd / n ** 0.5 for _, sd in stats], marker="o", ms=4, capsize=2, color=f"C{3 + i}",
+                        label=f"{name} - its control")
+        ax.axhline(0, color="k", lw=1, label="no difference")
         _budget_axis(ax, budgets)
-        ax.set_yscale("log")
-        ax.set_ylabel("KL(pi || pi*) (nats, lower is better)")
-        ax.set_title(f"{title} (solid) vs its control (dashed)", fontsize=10)
+        ax.set_ylabel("change in KL(pi || pi*) vs control (nats)")
+        ax.set_title(f"{title}: variant - control, paired by seed, +- 1 SE", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"bandit at equal label budgets: every method spends the budget in {results['setup']['steps']} "
                  f"optimiser steps; mean +- std over {results['setup']['n_seeds']} seeds", y=1.0)
@@ -407,9 +484,7 @@ def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:
     # a list of numbers on one line (curves and per-seed values): a readable file a third of the size
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
     json_path.write_text(text)
-    main = [m for m in ("offline DPO", "online DPO", "iterative DPO (4 rounds)", "SAIL-PR", "SAIL-PR control (gamma=0)",
-                        "SAIL-PP", "SAIL-DP") if m in results["methods"]]
-    plt.close(plot_bandit_comparison(results, main or None, path=png_path))
+    plt.close(plot_bandit_comparison(results, path=png_path))
     if len(results["by_budget"]) > 1:
         plt.close(plot_budgets(results, path=out / "bandit_budgets.png"))
     return json_path, png_path

@@ -89,7 +89,8 @@ class SAILConfig:
     route) or "none\""""
     self_labels: SelfLabels = "sampled"
     """labels from the policy's own model (dp, pp): "sampled" (a draw of sig(z), as in the paper) or
-    "expected" (averaged out exactly: the same expected gradient without the label's noise)"""
+    "expected" (the label averaged out exactly: the same expected gradient without the label's noise; the pair,
+    and so the response term, is still sampled)"""
     public_hook_scale: float = 8.0
     """response_mode "public": weight of the hook relative to the mean DPO term; the public code's hook is
     divided by neither batch nor accumulation, so it weighs per-device batch x accumulation (4 x 2)"""
@@ -111,7 +112,8 @@ class SAILConfig:
     """preference pairs per optimiser step, all routes together (per process)"""
     reuse_steps: int = 1
     """optimiser steps on each drawn and labelled batch of pairs (a round of iterative DPO): more steps
-    per judge label; log-probs are recomputed every step, pairs and labels are not"""
+    per judge label; log-probs are recomputed every step, pairs and labels are not, and a reused pair's response
+    term is weighted by pi_theta / pi_old of the pair (``objective.importance_weights``) so it stays unbiased"""
     seed: int = 0
     """seed of every random choice: routing, data order, sampling, labels, evaluation"""
 

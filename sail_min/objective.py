@@ -42,7 +42,19 @@ labels, is -grad J. With f = -log sig(z) the per-pair DPO loss:
 
 b is a baseline: any quantity that does not depend on the pair it multiplies keeps the
 response term unbiased, because E_{y ~ pi}[grad log pi(y)] = 0. We offer a leave-one-out
-batch mean of f, which is such a quantity and lowers the variance.
+batch mean of f, which is such a quantity and lowers the variance, taken within each route
+(``baseline_groups``: the bandit and the training loop group it through this one function).
+
+Reused pairs. The response term's identity E_{y ~ pi_theta}[grad log pi_theta(y)] = 0 holds only for
+pairs drawn from the CURRENT policy. A pair drawn at an older theta_old and reused for later steps
+(``reuse_steps > 1``) gets the importance weight of the pair, w = pi_theta(y1) pi_theta(y2) /
+(pi_old(y1) pi_old(y2)), on its response term:
+
+    response  sg[w (f - b)] * (l(y_w) + l(y_l))        E_{y ~ pi_old}[...] = E_{y ~ pi_theta}[...]
+
+(``importance_weights``; w = 1 exactly on the step that drew the pair). The DPO and label terms are
+not weighted: they have no score-function part, and a DPO term on any pair distribution with full
+support keeps pi* as its fixed point.
 
 Variants (SAIL-PR / SAIL-PP / SAIL-DP) pick q and P; online DPO is "policy responses,
 oracle labels, response coefficient 0"; offline DPO is "dataset responses, dataset labels".
@@ -73,6 +85,8 @@ import torch
 import torch.nn.functional as F
 
 RESPONSE_MODES = ("exact", "public", "off")
+IMPORTANCE_CLIP = 20.0
+"""the largest importance weight of a reused pair's response term (``importance_weights``)"""
 BASELINES = ("none", "loo")
 
 
@@ -168,6 +182,37 @@ def loo_baseline(values: torch.Tensor, groups: torch.Tensor | None = None) -> to
     return torch.where(others > 0, (group_sum[inverse] - values) / others.clamp(min=1), torch.zeros_like(values))
 
 
+def baseline_groups(routes: torch.Tensor, runs: torch.Tensor | None = None) -> torch.Tensor:
+    r"""Group ids of the leave-one-out baseline: one group per route (and per run).
+
+    b_i = mean of f over the other pairs of pair i's route in the same step (``loo_baseline``). A
+    route's pairs share a source (the dataset, or fresh policy samples) and a label source, so a
+    route's mean loss is the natural baseline of its score-function term; pooling routes mixes dataset
+    pairs into a policy pair's baseline. ``runs`` (optional, same shape): independent runs stacked in
+    one batch (the bandit's seeds), which never share a baseline. Used by ``bandit.batch_loss`` and
+    ``train.pair_loss`` alike."""
+    if runs is None:
+        runs = torch.zeros_like(routes)
+    if runs.shape != routes.shape:
+        raise ValueError(f"runs has shape {tuple(runs.shape)}, routes {tuple(routes.shape)}")
+    return torch.unique(torch.stack([runs.flatten(), routes.flatten()]), dim=1, return_inverse=True)[1].view(routes.shape)
+
+
+def importance_weights(policy_logps: torch.Tensor, old_logps: torch.Tensor, clip: float = IMPORTANCE_CLIP) -> torch.Tensor:
+    r"""w = min(pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)), clip), detached, per pair.
+
+    ``policy_logps`` = l_theta(y1) + l_theta(y2) now, ``old_logps`` the same at the step that drew the
+    pair (so w = exp(0) = 1 there). Without the clip, E_{y ~ pi_old}[w g(y)] = E_{y ~ pi_theta}[g(y)]
+    for any g: the reused pair's response term has the expectation of a fresh pair's. The clip bounds
+    the variance a rare pair can add when the policy has moved far from pi_old (a sequence-level
+    ratio is a product over tokens and can be huge in an LM); a clipped weight biases the term, so
+    training counts the clipped pairs. In the bandit's comparison no weight reaches it
+    (``bandit.train_sampled`` reports ``clipped_weights``)."""
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip!r}")
+    return torch.exp(policy_logps.detach() - old_logps.detach()).clamp(max=clip)
+
+
 def response_term(
     z: torch.Tensor,
     policy_chosen_logps: torch.Tensor,
@@ -183,22 +228,26 @@ def response_term(
     ``baseline``: "none" (b = 0), "loo" (leave-one-out batch mean of f, within ``groups``),
     or a tensor of per-pair baselines that must not depend on the pair itself.
     """
-    return _response_surrogate(dpo_loss(z).detach(), policy_chosen_logps, policy_rejected_logps, baseline, groups)
+    weight = dpo_loss(z).detach()
+    return _response_surrogate(weight, policy_chosen_logps, policy_rejected_logps, _baseline(weight, baseline, groups))
+
+
+def _baseline(weight: torch.Tensor, baseline: str | torch.Tensor = "none",
+              groups: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-pair baseline b of ``response_term``: 0, the leave-one-out mean within groups, or given."""
+    if isinstance(baseline, torch.Tensor):
+        return baseline.detach().expand_as(weight)
+    if baseline == "loo":
+        return loo_baseline(weight, groups)
+    if baseline == "none":
+        return torch.zeros_like(weight)
+    raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
 
 
 def _response_surrogate(weight: torch.Tensor, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-                        baseline: str | torch.Tensor = "none", groups: torch.Tensor | None = None) -> torch.Tensor:
-    """sg[weight - b] * (l(y_w) + l(y_l)), with the baseline b of ``response_term``."""
-    weight = weight.detach()
-    if isinstance(baseline, torch.Tensor):
-        b = baseline.detach()
-    elif baseline == "loo":
-        b = loo_baseline(weight, groups)
-    elif baseline == "none":
-        b = torch.zeros_like(weight)
-    else:
-        raise ValueError(f"baseline must be one of {BASELINES} or a tensor, got {baseline!r}")
-    return (weight - b) * (policy_chosen_logps + policy_rejected_logps)
+                        b: torch.Tensor) -> torch.Tensor:
+    """sg[weight - b] * (l(y_w) + l(y_l))."""
+    return (weight.detach() - b.detach()) * (policy_chosen_logps + policy_rejected_logps)
 
 
 def label_term(z: torch.Tensor) -> torch.Tensor:
@@ -251,6 +300,8 @@ class SAILLoss:
     """beta * (l_w - l_ref,w), detached (the implicit reward of the chosen responses)"""
     rejected_rewards: torch.Tensor
     """beta * (l_l - l_ref,l), detached"""
+    baseline: torch.Tensor | None = None
+    """the baseline b of each pair's exact response term (0 in other modes), detached"""
 
 
 def _as_coef(coef: float | torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -298,6 +349,7 @@ def sail_loss(
     weights: torch.Tensor | None = None,
     expected_labels: torch.Tensor | None = None,
     check_finite: bool = True,
+    response_importance: torch.Tensor | None = None,
 ) -> SAILLoss:
     r"""The SAIL surrogate for a batch of labelled pairs.
 
@@ -314,8 +366,10 @@ def sail_loss(
     (y1 as "chosen"). Their response-term weight is the expected DPO loss H(sig(z)).
     ``weights`` (per pair, default 1/n_pairs: the batch mean) replace the mean by
     sum_i weights_i * term_i, e.g. probabilities when enumerating pairs exactly, or 1/n_s
-    for pairs of independent runs s stacked in one batch. ``check_finite=False``: a non-finite
-    log-prob gives a non-finite loss instead of an error.
+    for pairs of independent runs s stacked in one batch; they weigh the public term too.
+    ``check_finite=False``: a non-finite log-prob gives a non-finite loss instead of an error.
+    ``response_importance`` (per pair, default 1): the importance weight w of a reused pair
+    (``importance_weights``), multiplying its exact response term: sg[w (f - b)] (l_w + l_l).
     """
     if response_mode not in RESPONSE_MODES:
         raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {response_mode!r}")
@@ -341,18 +395,25 @@ def sail_loss(
         dpo, label = torch.where(expected, expected_dpo, dpo), torch.where(expected, expected_label, label)
         response_weight = torch.where(expected, expected_dpo, response_weight)
     parts = {"dpo": (weights * dpo).sum(), "label": (weights * label_coef * label).sum()}
+    b = torch.zeros_like(z)
     if response_mode == "exact":
-        response = _response_surrogate(response_weight, policy_chosen_logps, policy_rejected_logps, baseline, groups)
+        b = _baseline(response_weight, baseline, groups)
+        response = _response_surrogate(response_weight, policy_chosen_logps, policy_rejected_logps, b)
+        if response_importance is not None:
+            if response_importance.shape != z.shape:
+                raise ValueError(f"response_importance has shape {tuple(response_importance.shape)}, "
+                                 f"expected {tuple(z.shape)}")
+            response = response_importance.detach() * response
         parts["response"] = (weights * response_coef * response).sum()
     elif response_mode == "public":
         response = public_code_response_term(z, policy_chosen_logps, policy_rejected_logps)
         scale = z.numel() if public_hook_scale is None else public_hook_scale
-        parts["response"] = scale * (response_coef * response).mean()
+        parts["response"] = scale * (weights * response_coef * response).sum()    # default weights: the mean
     else:
         response = torch.zeros_like(z)
         parts["response"] = z.new_zeros(())
     loss = parts["dpo"] + parts["response"] + parts["label"]
     return SAILLoss(loss=loss, parts=parts, z=z.detach(), dpo=dpo.detach(), response=response.detach(),
-                    label=label.detach(),
+                    label=label.detach(), baseline=b,
                     chosen_rewards=beta * (policy_chosen_logps - ref_chosen_logps).detach(),
                     rejected_rewards=beta * (policy_rejected_logps - ref_rejected_logps).detach())

@@ -1,6 +1,6 @@
 r"""The SAIL training loop: draw -> score -> label -> loss -> step, on any device.
 
-One optimiser step is five functions, each a few lines, called in order by ``train``:
+One optimiser step is four functions and the four lines of any PyTorch step, in order in ``train``:
 
   1. draw     route each of the ``pairs_per_step`` pairs to dpo / dp / pp / pr (``config.ROUTES``)
               and take its two responses y1, y2: a dataset pair (chosen, rejected), or two fresh
@@ -10,12 +10,14 @@ One optimiser step is five functions, each a few lines, called in order by ``tra
   3. label    dpo: the dataset (y1 = chosen); dp / pp: a draw of the policy's Bradley-Terry model
               P(y1 > y2) = sig(z); pr: the judge (``sail_min.labels``);
   4. loss     ``objective.sail_loss`` with per-pair coefficients from the route;
-  5. step     backward (the engine averages gradients over processes), clipped, applied. A non-finite loss or
-              gradient skips the step (weights untouched); the metrics say what was non-finite and
-              the step's inputs are saved for ``replay_skipped_step``.
+  5. step     zero_grad, backward (the engine averages gradients over processes), clip, step. A loss or
+              gradient that is not finite on some process skips the step on all (weights untouched); the
+              metrics say what was non-finite and the step's inputs are saved for
+              ``diagnostics.replay_skipped_step``.
 
 With ``reuse_steps = R > 1`` (iterative DPO in rounds) steps 1 and 3 run once per round of R steps:
-the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step.
+the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step, and
+the response term of a reused pair weighted by pi_theta / pi_old of the pair (``objective.importance_weights``).
 
 Every random choice of step t is seeded by (seed, t, purpose), so a run resumed from a checkpoint
 draws exactly what the uninterrupted run would have drawn. Metrics go to
@@ -53,7 +55,7 @@ from .engine import Runtime
 from .labels import PairLabels, check_judge_scores, implicit_reward_labels, reward_model_labels
 from .logprobs import ReferenceModel
 from .metrics import append_metrics, compilations_since, open_metrics, step_record
-from .objective import SAILLoss, sail_loss
+from .objective import SAILLoss, baseline_groups, importance_weights, sail_loss
 from .sampling import Responses, Sampler, check_positions, compile_stats, encode_responses, truncate_prompts_left
 
 
@@ -210,9 +212,16 @@ def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConf
 # --------------------------------------------------------------------------------------
 # 4. loss
 # --------------------------------------------------------------------------------------
-def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig) -> SAILLoss:
+def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig,
+              old_logps: torch.Tensor | None = None) -> SAILLoss:
     """``objective.sail_loss`` on (chosen, rejected) as labelled, coefficients from the routes; the
-    response term's leave-one-out baseline is taken within each route."""
+    response term's leave-one-out baseline is taken within each route (``objective.baseline_groups``,
+    as in the bandit). ``old_logps``: l(y1) + l(y2) at the step that drew the pairs (a reused round,
+    ``reuse_steps > 1``): the response term gets the importance weight pi_theta / pi_old of the pair
+    (``objective.importance_weights``), so it stays unbiased on reused pairs."""
+    importance = None
+    if old_logps is not None:
+        importance = importance_weights(logps.policy_first + logps.policy_second, old_logps.to(logps.policy_first.device))
     policy_chosen, policy_rejected = labels.chosen_rejected(logps.policy_first, logps.policy_second)
     ref_chosen, ref_rejected = labels.chosen_rejected(logps.ref_first, logps.ref_second)
     response_coef, label_coef = (c.to(policy_chosen.device) for c in config.coefficients(routes))
@@ -221,8 +230,8 @@ def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config
         expected = torch.tensor([LABELS_FROM[ROUTES[r]] == "policy" for r in routes.tolist()])
     return sail_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta,
                      response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
-                     baseline=config.baseline, groups=routes.to(policy_chosen.device),   # baseline per route
-                     public_hook_scale=config.public_hook_scale, expected_labels=expected,
+                     baseline=config.baseline, groups=baseline_groups(routes.to(policy_chosen.device)),
+                     public_hook_scale=config.public_hook_scale, expected_labels=expected, response_importance=importance,
                      check_finite=False)                                               # non-finite: step skipped
 
 
@@ -324,8 +333,9 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         if new_round:                                                                                 # 3. label
             labels, judge_calls = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
                 step_seed(config.seed, step, runtime.rank, "labels")))
+            old_logps = (logps.policy_first + logps.policy_second).detach()   # pi_old: reused pairs are reweighted
         t3 = time.perf_counter()
-        loss = pair_loss(logps, labels, pairs.routes, config)                                         # 4. loss
+        loss = pair_loss(logps, labels, pairs.routes, config, old_logps if config.reuse_steps > 1 else None)  # 4.
         term_norms = (term_gradient_norms(loss, policy, pairs.routes, config)
                       if evaluating and runtime.is_main and runtime.processes == 1 else {})
         optimizer.zero_grad(set_to_none=True)                                                         # 5. step

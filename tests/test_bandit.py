@@ -144,7 +144,7 @@ def test_dataset_routes_need_a_dataset():
 # --------------------------------------------------------------------------------------
 from sail_min.bandit import batch_loss, draw_labels, route_counts  # noqa: E402
 from sail_min.bandit_comparison import (  # noqa: E402
-    BANDIT_METHODS, BanditMethod, BanditSetup, format_table, plan_budget, run_bandit_comparison,
+    BANDIT_METHODS, NAME_WIDTH, BanditMethod, BanditSetup, format_table, plan_budget, run_bandit_comparison,
 )
 from sail_min.objective import sail_loss  # noqa: E402
 
@@ -291,7 +291,8 @@ def test_controls_zero_expected_gradient_from_self_labelled_pairs():
     g = torch.Generator().manual_seed(0)
     chosen = torch.randint(5, (1, 3, 10), generator=g)
     rejected = torch.randint(5, (1, 3, 10), generator=g)
-    for name, self_route in (("SAIL-PP control (pi=0, expected)", 2), ("SAIL-DP control (rho=0, expected)", 1)):
+    for name, self_route in (("SAIL-PP control (pi=0, label averaged out)", 2),
+                             ("SAIL-DP control (rho=0, label averaged out)", 1)):
         config = BANDIT_METHODS[name].config
         route = torch.tensor([0] * 7 + [self_route] * 3).expand(1, 3, 10)
         full = grad_of(lambda t: batch_loss(t, bandit, config, chosen, rejected, route, label_mode="expected").loss,
@@ -311,15 +312,174 @@ def test_table_shows_each_variant_beside_its_control_and_the_labels_spent():
         assert all(entry["labels_spent"] == int(budget) and entry["optimizer_steps"] == 6 for entry in block.values())
     for variant, control in (("SAIL-PR", "SAIL-PR control (gamma=0)"), ("SAIL-PP", "SAIL-PP control (pi=0)"),
                              ("SAIL-DP", "SAIL-DP control (rho=0)"),
-                             ("SAIL-PP (expected labels)", "SAIL-PP control (pi=0, expected)"),
-                             ("SAIL-DP (expected labels)", "SAIL-DP control (rho=0, expected)")):
+                             ("SAIL-PP (label averaged out)", "SAIL-PP control (pi=0, label averaged out)"),
+                             ("SAIL-DP (label averaged out)", "SAIL-DP control (rho=0, label averaged out)")):
         assert results["methods"][variant]["control"] == control
-        rows = [i for i, line in enumerate(lines) if line[:34].rstrip() == variant]
+        rows = [i for i, line in enumerate(lines) if line[:NAME_WIDTH].rstrip() == variant]
         assert len(rows) == 2                                              # one per budget
         for i in rows:
-            assert lines[i + 1][:34].rstrip() == control                  # its control right below it
+            assert lines[i + 1][:NAME_WIDTH].rstrip() == control          # its control right below it
             assert lines[i].count("+-") == 5 and lines[i + 1].count("+-") == 3   # the variant has the differences
             assert " 64 " in lines[i] or " 16 " in lines[i]                # labels spent
     assert "KL(pi||pi*)" in lines[1] and lines[1].index("KL(pi||pi*)") < lines[1].index("true reward")
     with pytest.raises(ValueError, match="control"):
         run_bandit_comparison(BanditSetup(methods={"x": BanditMethod(SAILConfig(), control="nope")}))
+
+
+# --------------------------------------------------------------------------------------
+# one baseline for both halves; reused pairs; the public hook's scale (issue 17)
+# --------------------------------------------------------------------------------------
+def test_bandit_and_training_loop_compute_the_same_baseline_on_a_batch_mixing_routes():
+    """bandit.batch_loss and train.pair_loss on the same pairs: the same per-route leave-one-out baselines
+    (one group per route, dataset and online pairs never pooled), the same loss, the same gradient."""
+    from sail_min.labels import PairLabels
+    from sail_min.train import PairLogps, pair_loss
+
+    bandit = make_bandit(n_prompts=3, n_responses=5, beta=0.5, seed=0)
+    # coefficients exact in float32 (the loop's coefficient dtype), so both paths use the same numbers
+    config = SAILConfig(route_dpo=0.4, route_dp=0.2, route_pp=0.2, route_pr=0.2, dp_label_coef=0.25, pp_coef=0.125,
+                        pr_response_coef=0.5, beta=0.5)
+    g = torch.Generator().manual_seed(4)
+    theta = torch.randn(1, 3, 5, dtype=F64, generator=g)
+    chosen, rejected = torch.randint(5, (1, 3, 10), generator=g), torch.randint(5, (1, 3, 10), generator=g)
+    route = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 3, 3]).expand(1, 3, 10)
+
+    t_bandit = theta.clone().requires_grad_()
+    from_bandit = batch_loss(t_bandit, bandit, config, chosen, rejected, route)
+    from_bandit.loss.backward()
+
+    t_loop = theta.clone().requires_grad_()
+    log_pi, x = torch.log_softmax(t_loop[0], -1), torch.arange(3)[:, None].expand(3, 10)
+    logps = PairLogps(log_pi[x, chosen[0]].flatten(), log_pi[x, rejected[0]].flatten(),
+                      bandit.log_ref[x, chosen[0]].flatten(), bandit.log_ref[x, rejected[0]].flatten())
+    from_loop = pair_loss(logps, PairLabels(torch.ones(30, dtype=torch.bool)), route[0].flatten(), config)
+    from_loop.loss.backward()
+
+    assert torch.equal(from_bandit.baseline, from_loop.baseline)
+    assert torch.allclose(from_bandit.loss, from_loop.loss, rtol=1e-14, atol=0)
+    assert relative_error(t_bandit.grad, t_loop.grad) < 1e-14
+    # per route: pair i's baseline is the mean loss of the OTHER pairs of its route (here: of every prompt)
+    f, routes = from_bandit.dpo, route.flatten()
+    for i in range(30):
+        others = (routes == routes[i]) & (torch.arange(30) != i)
+        assert torch.allclose(from_bandit.baseline[i], f[others].mean(), rtol=1e-14, atol=0)
+
+
+def _enumerate_reused_batches(bandit, theta_old):
+    """Every batch of one oracle-labelled pair per prompt drawn from pi_old, as runs [B, M, 1], with its
+    probability: all (y1, y2, label) for each prompt, B = (2 K^2)^M."""
+    M, K = bandit.n_prompts, bandit.n_responses
+    p_old = torch.softmax(theta_old, -1)
+    per_prompt = [(i, j, w) for i in range(K) for j in range(K) for w in (0, 1)]       # w = 0: i wins
+    chosen, rejected, prob = [], [], []
+    for combo in torch.cartesian_prod(*[torch.arange(len(per_prompt))] * M).view(-1, M).tolist():
+        c, r, p = [], [], 1.0
+        for x, k in enumerate(combo):
+            i, j, w = per_prompt[k]
+            win = bandit.oracle_prefs[x, i, j] if w == 0 else 1 - bandit.oracle_prefs[x, i, j]
+            p = p * p_old[x, i] * p_old[x, j] * win
+            c.append(i if w == 0 else j)
+            r.append(j if w == 0 else i)
+        chosen.append(c), rejected.append(r), prob.append(p)
+    return (torch.tensor(chosen)[..., None], torch.tensor(rejected)[..., None], torch.stack(prob))
+
+
+def test_reused_pairs_response_term_is_unbiased_with_importance_weights():
+    """Pairs drawn from pi_old, trained on at theta (a reused round): the expectation over every batch of
+    the response term's gradient (leave-one-out baseline, as trained) equals the exact response gradient at
+    the CURRENT theta with the importance weight pi_theta / pi_old of the pair, and misses it without."""
+    bandit = make_bandit(n_prompts=2, n_responses=3, beta=0.5, seed=1)
+    theta_old = bandit.ref_logits.clone()
+    theta = theta_old + 0.8 * torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    gamma = 0.3
+    chosen, rejected, prob = _enumerate_reused_batches(bandit, theta_old)
+    assert abs(prob.sum().item() - 1) < 1e-12 and len(prob) == 18 ** 2
+    B = len(prob)
+    route = torch.full((B, 2, 1), ROUTES.index("pr"))
+    log_old = torch.log_softmax(theta_old, -1)
+    old_logps = log_old[torch.arange(2)[None, :, None], chosen] + log_old[torch.arange(2)[None, :, None], rejected]
+
+    def expected_gradient(coef, weighted):
+        config = SAILConfig(route_dpo=0.0, route_pr=1.0, pr_response_coef=coef)
+        runs = theta.expand(B, 2, 3).clone().requires_grad_()
+        batch_loss(runs, bandit, config, chosen, rejected, route, old_logps=old_logps if weighted else None).loss.backward()
+        return (prob[:, None, None] * runs.grad).sum(0)          # each run's gradient, weighted by its probability
+
+    exact = (grad_of(lambda t: exact_surrogate_loss(t, bandit, "pr", response_coef=gamma), theta)
+             - grad_of(lambda t: exact_surrogate_loss(t, bandit, "pr", response_coef=0.0), theta))
+    weighted = expected_gradient(gamma, True) - expected_gradient(0.0, True)
+    unweighted = expected_gradient(gamma, False) - expected_gradient(0.0, False)
+    assert relative_error(weighted, exact) < 1e-12
+    assert relative_error(unweighted, exact) > 0.1                  # what the unweighted reuse did
+    # no weight was clipped in this check, so the equality above is the unclipped estimator's
+    now = torch.log_softmax(theta, -1)
+    w = torch.exp(now[torch.arange(2)[None, :, None], chosen] + now[torch.arange(2)[None, :, None], rejected] - old_logps)
+    from sail_min.objective import IMPORTANCE_CLIP
+    assert w.max() < IMPORTANCE_CLIP
+
+
+def test_fresh_pairs_get_weight_one_and_reuse_keeps_runs_reproducible():
+    """reuse_steps = 1: no importance weights at all (bit-identical to the unweighted run); reuse: the
+    weighted and unweighted runs differ, and no weight of the comparison's setting reaches the clip."""
+    bandit = make_bandit(n_prompts=4, n_responses=5, beta=0.5, seed=0)
+    pr = SAILConfig.preset("sail-pr")
+    kwargs = dict(n_seeds=2, steps=40, eval_every=40, offline_pairs_per_prompt=8)
+    assert train_sampled(bandit, pr, **kwargs) == train_sampled(bandit, pr, importance_weighting=False, **kwargs)
+    reused = dict(kwargs, online_pairs_per_prompt=20, reuse_steps=10)
+    a, b = train_sampled(bandit, pr, **reused), train_sampled(bandit, pr, importance_weighting=False, **reused)
+    assert a["kl_opt"] != b["kl_opt"] and a["clipped_weights"] == 0
+
+
+def test_bandit_public_term_weighs_the_configs_hook_scale():
+    """The public-code term weighs public_hook_scale x its mean against the mean DPO term, per run."""
+    bandit = make_bandit(n_prompts=3, n_responses=5, beta=0.5, seed=0)
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(2, 3, 5, dtype=F64, generator=g)
+    chosen, rejected = torch.randint(5, (2, 3, 4), generator=g), torch.randint(5, (2, 3, 4), generator=g)
+    route = torch.full((2, 3, 4), ROUTES.index("pr"))
+    on = SAILConfig(route_dpo=0.0, route_pr=1.0, pr_response_coef=0.3, response_mode="public", public_hook_scale=8.0)
+    off = on.replace(response_mode="off")
+    loss_on, loss_off = (batch_loss(theta, bandit, c, chosen, rejected, route) for c in (on, off))
+    per_run_mean = loss_on.response.view(2, 12).mean(1)
+    assert torch.allclose(loss_on.loss - loss_off.loss, 8.0 * 0.3 * per_run_mean.sum(), rtol=1e-13, atol=0)
+
+
+def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
+    """train.pair_loss(old_logps=...): w = 1 on the step that drew the pairs (same loss as without), and on a
+    later step the response term of each pair scaled by pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)),
+    the DPO term untouched."""
+    from sail_min.labels import PairLabels
+    from sail_min.train import PairLogps, pair_loss
+
+    g = torch.Generator().manual_seed(0)
+    now = PairLogps(*(-3 - torch.rand(6, dtype=F64, generator=g) for _ in range(4)))
+    labels, routes = PairLabels(torch.tensor([True, False, True, True, False, True])), torch.tensor([3, 3, 3, 0, 3, 3])
+    config = SAILConfig(route_dpo=0.5, route_pr=0.5, pr_response_coef=0.5)
+    total = now.policy_first + now.policy_second
+    plain = pair_loss(now, labels, routes, config)
+    same = pair_loss(now, labels, routes, config, old_logps=total)
+    assert torch.equal(plain.loss, same.loss)
+    shift = torch.tensor([0.3, -0.2, 0.1, 0.5, 0.0, -0.4], dtype=F64)
+    later = pair_loss(now, labels, routes, config, old_logps=total - shift)
+    assert torch.allclose(later.response, shift.exp() * plain.response, rtol=1e-14, atol=0)
+    assert torch.equal(later.parts["dpo"], plain.parts["dpo"])
+
+
+def test_fixed_points_controls_at_pi_star_and_each_extra_term_away_from_it():
+    """bandit_fixed_points: every control's exact field vanishes at pi* (a DPO term with oracle labels is
+    stationary there on any pair distribution); each preset's extra term has a stable fixed point (|G| at
+    round-off, every decay rate > 0) away from pi*, and the bias grows with the coefficient."""
+    from sail_min.bandit_fixed_points import PRESETS, field, fixed_point, sweep
+
+    bandit = make_bandit(n_prompts=3, n_responses=4, beta=0.5, seed=2)
+    for name, config in PRESETS.items():
+        at_opt = field(bandit.optimal_logits, bandit, config).abs().max()
+        if "control" in name or name == "online DPO":
+            assert at_opt < 1e-15, name
+        else:
+            assert at_opt > 1e-4, name                       # pi* is not a fixed point of the variant
+            point = fixed_point(bandit, config, steps=800)
+            assert point["residual"] < 1e-12 and point["min_decay_rate"] > 0 and point["kl_opt"] > 1e-6, name
+    kls = [p["kl_opt"] for p in sweep(bandit, lambda c: SAILConfig.preset("online-dpo", pr_response_coef=c),
+                                      (0.1, 0.3, 1.0), steps=800)]
+    assert kls == sorted(kls) and kls[0] > 0
