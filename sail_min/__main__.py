@@ -6,7 +6,8 @@
   train         one run: your model, data and judge (--model, --data, --judge), or without --model
                 the toy task; `accelerate launch -m sail_min train ...` for several processes;
                 `--resume` continues from the run's last checkpoint (`train --help` for the options)
-  bandit        the exactly solvable bandit comparison (notebook 02)
+  bandit        the exactly solvable bandit comparison (notebook 02; --full: the committed results/bandit/)
+  fixed-points  the bandit's exact fixed points of each variant's flow (notebook 02)
   check         verify the derivation numerically; exits 1 if the max relative error > 1e-8
 """
 from __future__ import annotations
@@ -96,6 +97,27 @@ def _bandit(args) -> int:
     return 0
 
 
+def _fixed_points(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .bandit_comparison import BanditSetup
+    from .bandit_fixed_points import run_part
+
+    torch.set_num_threads(1)
+    setup, path = BanditSetup.full(), Path(args.out) / "fixed_points.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for part in args.parts:
+        start = time.perf_counter()
+        result = run_part(part, setup)
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**merged, **result}))
+        print(f"{part}: merged into {path} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 TRAIN_HELP = """One training run with sail_min.train.train, as in the notebooks: writes config.json,
 metrics.jsonl (one line per step) and checkpoint.pt to --out.
 
@@ -179,6 +201,12 @@ def main(argv=None) -> int:
     bandit.add_argument("--full", action="store_true",
                         help="the committed sweep: budgets 16..4096, 10 seeds (results/bandit/, ~3 min)")
 
+    from .bandit_fixed_points import PARTS
+    fixed = commands.add_parser("fixed-points", help="the bandit's exact fixed points (notebook 02)")
+    fixed.add_argument("--out", default="outputs/bandit", help="output folder of fixed_points.json (default: outputs/bandit)")
+    fixed.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                       help="compute these parts and merge them into OUT/fixed_points.json (default: all)")
+
     commands.add_parser("check", help="verify the derivation numerically")
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -194,7 +222,7 @@ def main(argv=None) -> int:
         if args.command == "check":
             from .check import main as check_main
             return check_main()
-        return {"compare": _compare, "train": _train, "bandit": _bandit}[args.command](args)
+        return {"compare": _compare, "train": _train, "bandit": _bandit, "fixed-points": _fixed_points}[args.command](args)
     except UserError as error:            # the user's mistake: one line; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2

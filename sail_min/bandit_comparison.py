@@ -2,7 +2,7 @@
 SAIL variants each beside its control, several seeds.
 
 Used by notebook 02 and by `python -m sail_min bandit`; the larger sweep of the committed results
-(``results/bandit/``) is `python -m sail_min.bandit_comparison --full --out results/bandit`.
+(``results/bandit/``) is `python -m sail_min bandit --full --out results/bandit`.
 
 **What is equal.** At a budget of B oracle labels per prompt (2 per judged pair: the judge
 scores both responses; building the offline dataset costs its labels too), every method
@@ -35,7 +35,6 @@ offline DPO with 40% of its pairs relabelled by the policy, again zero expected 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -495,32 +494,3 @@ def read_results(path: str | Path) -> dict:
     results = json.loads(Path(path).read_text())
     results["by_budget"][str(results["headline_budget"])] = results["methods"]
     return results
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sail_min.bandit_comparison", description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help=f"budgets {FULL_BUDGETS}, 10 seeds")
-    parser.add_argument("--budgets", type=int, nargs="+", default=None, help="oracle labels per prompt")
-    parser.add_argument("--seeds", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--out", default="outputs/bandit")
-    args = parser.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    changes = {k: v for k, v in (("n_seeds", args.seeds), ("steps", args.steps),
-                                 ("budgets", tuple(args.budgets) if args.budgets else None)) if v is not None}
-    setup = BanditSetup.full(**changes) if args.full else BanditSetup(**changes)
-    start = time.perf_counter()
-    results = run_bandit_comparison(setup)
-    print(format_table(results))
-    if len(results["by_budget"]) > 1:
-        for key in ("kl_opt", "reward"):
-            print("\n" + format_budget_table(results, key=key))
-    json_path, png_path = write_results(results, args.out)
-    print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

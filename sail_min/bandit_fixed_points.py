@@ -14,13 +14,12 @@ Newton's method; ``sweep`` does it for each value of a coefficient.
 The field of one prompt depends on that prompt's logits only, so the Jacobian is block diagonal:
 K central differences (every prompt perturbed at once) give all M blocks of K x K.
 
-``python -m sail_min.bandit_fixed_points --out results/bandit`` writes fixed_points.json (the fixed
+``python -m sail_min fixed-points --out results/bandit`` writes fixed_points.json (the fixed
 points of notebook 02: presets, coefficient sweeps, two references, argmax labels, and the finite-sample
 decomposition of SAIL-PR's gap to its control), read by the notebook, which re-checks each stored point.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -245,27 +244,3 @@ def run_part(part: str, setup, progress=print) -> dict:
     if part == "decomposition":
         return {"decomposition": decompose_gap(setup)}
     raise ValueError(f"part must be one of {PARTS}, got {part!r}")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sail_min.bandit_fixed_points", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="outputs/bandit")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
-                        help="compute these parts and merge them into OUT/fixed_points.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    from .bandit_comparison import BanditSetup
-    setup = BanditSetup.full()
-    path = Path(args.out) / "fixed_points.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for part in args.parts:
-        start = time.perf_counter()
-        result = run_part(part, setup)
-        merged = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({**merged, **result}))
-        print(f"{part}: merged into {path} in {time.perf_counter() - start:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
