@@ -134,7 +134,10 @@ class Runtime:
     def gathered(self, policy, optimizer):
         """What ``save_checkpoint`` reads: the policy and optimiser, or their full tensors when sharded
         (collective: every process calls it; process 0 saves)."""
-        return GatheredState(policy, optimizer) if self.sharded else (policy, optimizer)
+        if not self.sharded:
+            return policy, optimizer
+        gathered = GatheredState(policy, optimizer)          # stands in for both: named_parameters, state_dict
+        return gathered, gathered
 
     def finish(self, policy) -> None:
         """Wait for every process and check that replicated weights agree."""

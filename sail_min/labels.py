@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 Prompt = str | list[dict]
-ScoreFn = Callable[[Sequence[Prompt], Sequence[str]], "torch.Tensor | Sequence[float]"]
+Judge = Callable[[Sequence[Prompt], Sequence[str]], "torch.Tensor | Sequence[float]"]
 
 
 @dataclass
@@ -155,20 +155,20 @@ def dataset_labels(num_pairs: int) -> PairLabels:
 
 # (b) reward model -------------------------------------------------------------------------
 
-def reward_model_labels(score_fn: ScoreFn, prompts: Sequence[Prompt], first_responses: Sequence[str],
+def reward_model_labels(judge: Judge, prompts: Sequence[Prompt], first_responses: Sequence[str],
                         second_responses: Sequence[str], rule: str = "argmax",
                         generator: torch.Generator | None = None) -> PairLabels:
-    """Label pairs by s = r_phi(x, y), with `score_fn(prompts, responses) -> scores`.
+    """Label pairs by s = r_phi(x, y), with `judge(prompts, responses) -> scores`.
 
-    `score_fn` is a `RewardModelScorer` or any callable, e.g. a lexicon-based judge; what it
+    `judge` is a `RewardModelScorer` or any callable, e.g. a lexicon-based judge; what it
     returns is held to the judge contract (`check_judge_scores`).
     """
     if not len(prompts) == len(first_responses) == len(second_responses):
         raise ValueError(f"prompts, first_responses and second_responses differ in length: "
                          f"{len(prompts)}, {len(first_responses)}, {len(second_responses)}")
     n = len(prompts)
-    first_scores = check_judge_scores(score_fn(list(prompts), list(first_responses)), n, score_fn)
-    second_scores = check_judge_scores(score_fn(list(prompts), list(second_responses)), n, score_fn)
+    first_scores = check_judge_scores(judge(list(prompts), list(first_responses)), n, judge)
+    second_scores = check_judge_scores(judge(list(prompts), list(second_responses)), n, judge)
     return choose(first_scores, second_scores, rule, generator)
 
 

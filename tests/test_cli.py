@@ -302,7 +302,7 @@ def test_settings_precedence_config_preset_set_flags(tmp_path):
                                                  "steps": 9, "out": "new"}))
     assert changed == SAILConfig.preset("sail-pr", lr=2e-3, steps=9, output_dir="new")     # route_dp back to 0
     default = build_config(argparse.Namespace(**{**args, "config": None}))
-    assert default == SAILConfig.preset("sail-pr", output_dir="outputs/train")
+    assert default == SAILConfig()               # no --preset, no --config: SAILConfig's defaults, one source
 
 
 def test_trackers_get_the_config_every_step_and_the_end(in_process, tmp_path, monkeypatch, capsys):
