@@ -28,11 +28,6 @@ import torch.nn.functional as F
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
 from .objective import IMPORTANCE_CLIP, baseline_groups, importance_weights, sail_loss
 
-LABEL_MODES = ("sampled", "expected")
-"""How self-labelled pairs get their label: drawn from the policy's sig(z), or "expected": the label
-averaged out exactly (the pair itself, and so its response term, is still sampled)."""
-
-
 @dataclass
 class Bandit:
     """The problem: true reward, reference logits and beta (tensors of shape [M, K])."""
@@ -228,8 +223,7 @@ def sample_pairs(theta, bandit: Bandit, config: SAILConfig, pairs_per_prompt: in
     return chosen, rejected, route
 
 
-def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline=None,
-               label_mode="sampled", old_logps=None):
+def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, route, baseline=None, old_logps=None):
     """``sail_loss`` of sampled pairs [S, M, N] for S independent runs: the sum over runs of each
     run's batch mean. As in the training loop (``train.pair_loss``): the leave-one-out baseline is
     taken per route (``objective.baseline_groups``; here also per run), ``baseline`` defaults to
@@ -238,11 +232,9 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
     ``old_logps`` [S, M, N] (optional): log pi_old(chosen) + log pi_old(rejected) at the step that drew
     each pair; a reused pair's response term gets the importance weight pi_theta / pi_old of the pair
     (``objective.importance_weights``; 1 for a pair drawn this step).
-    ``label_mode="expected"``: pairs of the self-labelled routes (dp, pp) are taken as unlabelled
+    ``config.self_labels == "expected"``: pairs of the self-labelled routes (dp, pp) are taken as unlabelled
     pairs (chosen, rejected) = (y1, y2) and their label is averaged out exactly with the policy's
     own P(y1 > y2) = sig(z) (``objective.expected_label_terms``); other pairs keep their label."""
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     S, M, N = chosen.shape
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     log_pi = torch.log_softmax(theta, -1)
@@ -257,7 +249,7 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
                   groups=baseline_groups(route.flatten(), s_idx.expand(S, M, N).flatten()),
                   public_hook_scale=config.public_hook_scale, response_importance=importance,
                   weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype))
-    if label_mode == "sampled":
+    if config.self_labels == "sampled":
         return sail_loss(*args, **kwargs)
     self_labelled = torch.tensor([LABELS_FROM[r] == "policy" for r in ROUTES])[route.flatten()]
     return sail_loss(*args, **kwargs, expected_labels=self_labelled)   # objective.expected_label_terms
@@ -293,7 +285,7 @@ def pass_order(n_seeds: int, n_prompts: int, pool: int, count: int, generator) -
 
 def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pairs_per_prompt=16,
                   offline_pairs_per_prompt=4, lr=0.05, eval_every=10, seed=0, *, online_pairs_per_prompt=None,
-                  reuse_steps=1, label_mode="sampled", importance_weighting=True) -> dict:
+                  reuse_steps=1, importance_weighting=True) -> dict:
     r"""Adam on sampled batches of ``sail_loss``, ``n_seeds`` independent runs at once.
 
     Each step takes ``pairs_per_prompt`` pairs per prompt, split between the routes in fixed
@@ -310,7 +302,7 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
     * **self-labelled policy pairs** (route pp): two fresh samples each step (labels are free).
 
     Self-labelled pairs (dp, pp) get a label drawn from the policy's sig(z), or, with
-    ``label_mode="expected"``, the label averaged out exactly (``objective.expected_label_terms``).
+    ``config.self_labels == "expected"``, the label averaged out exactly (``objective.expected_label_terms``).
 
     A reused oracle-labelled pair was drawn from an older policy pi_old: its response term gets the
     importance weight pi_theta / pi_old of the pair (``objective.importance_weights``), so that its
@@ -324,8 +316,6 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
     per run the true reward, KL(pi || pi_ref), KL(pi || pi*) every ``eval_every`` steps, the
     oracle labels per prompt spent by each of those steps, and the totals.
     """
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     if not (isinstance(reuse_steps, int) and reuse_steps >= 1):
         raise ValueError(f"reuse_steps must be an integer >= 1, got {reuse_steps!r}")
     g = torch.Generator().manual_seed(seed)
@@ -367,11 +357,11 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
                 parts.append((d_chosen[..., :b_dpo], d_rejected[..., :b_dpo]))
                 if b_dp:
                     c, r = d_chosen[..., b_dpo:], d_rejected[..., b_dpo:]
-                    parts.append((c, r) if label_mode == "expected" else
+                    parts.append((c, r) if config.self_labels == "expected" else
                                  draw_labels(_self_prefs(theta, bandit), c, r, g))
             if b_pp:
                 y = _policy_samples(theta, 2 * b_pp, g).view(S, M, 2, b_pp)
-                parts.append((y[:, :, 0], y[:, :, 1]) if label_mode == "expected" else
+                parts.append((y[:, :, 0], y[:, :, 1]) if config.self_labels == "expected" else
                              draw_labels(_self_prefs(theta, bandit), y[:, :, 0], y[:, :, 1], g))
             if b_pr:
                 if step % reuse_steps == 0:                              # a new round: draw and label
@@ -394,7 +384,7 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
                 old_logps[..., b_dpo + b_dp + b_pp:] = pool_old.gather(2, pick)  # reused pairs: w = pi / pi_old
                 history["clipped_weights"] += int((now - old_logps > math.log(IMPORTANCE_CLIP)).sum())
         opt.zero_grad()
-        batch_loss(theta, bandit, config, chosen, rejected, route, label_mode=label_mode,
+        batch_loss(theta, bandit, config, chosen, rejected, route,
                    old_logps=old_logps).loss.backward()
         for s, run in enumerate(runs):
             if not torch.isfinite(run.grad).all():   # Adam skips a parameter whose grad is None

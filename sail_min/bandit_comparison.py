@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .bandit import LABEL_MODES, expected_reward, kl, make_bandit, route_counts, train_sampled
+from .bandit import expected_reward, kl, make_bandit, route_counts, train_sampled
 from .config import SAILConfig
 
 FULL_BUDGETS = (16, 64, 256, 1024, 4096)
@@ -60,21 +60,16 @@ class BanditMethod:
     rounds: str | int = "online"
     """"online": as many labelling rounds as the budget allows (each round at least one batch of
     fresh pairs, at most one round per step); an integer: that many rounds (iterative DPO)"""
-    label_mode: str = "sampled"
-    """self-labelled pairs: "sampled" (a draw of the policy's sig(z)) or "expected" (the label averaged out;
-    the pair and its response term are still sampled)"""
     control: str | None = None
     """the method whose difference to this one isolates this one's extra terms"""
 
     def __post_init__(self):
-        if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
         if not (self.rounds == "online" or (isinstance(self.rounds, int) and self.rounds >= 1)):
             raise ValueError(f"rounds must be 'online' or an integer >= 1, got {self.rounds!r}")
 
 
-def _m(preset, control=None, rounds="online", label_mode="sampled", **overrides) -> BanditMethod:
-    return BanditMethod(SAILConfig.preset(preset, **overrides), rounds, label_mode, control)
+def _m(preset, control=None, rounds="online", **overrides) -> BanditMethod:
+    return BanditMethod(SAILConfig.preset(preset, **overrides), rounds, control)
 
 
 BANDIT_METHODS = {
@@ -89,13 +84,13 @@ BANDIT_METHODS = {
     "SAIL-PP control (pi=0)": _m("sail-pp", pp_coef=0.0),
     # label averaged out (the pair, and so the response term, is still sampled)
     "SAIL-PP (label averaged out)": _m("sail-pp", control="SAIL-PP control (pi=0, label averaged out)",
-                                       label_mode="expected"),
-    "SAIL-PP control (pi=0, label averaged out)": _m("sail-pp", label_mode="expected", pp_coef=0.0),
+                                       self_labels="expected"),
+    "SAIL-PP control (pi=0, label averaged out)": _m("sail-pp", self_labels="expected", pp_coef=0.0),
     "SAIL-DP": _m("sail-dp", control="SAIL-DP control (rho=0)"),
     "SAIL-DP control (rho=0)": _m("sail-dp", dp_label_coef=0.0),
     "SAIL-DP (label averaged out)": _m("sail-dp", control="SAIL-DP control (rho=0, label averaged out)",
-                                       label_mode="expected"),
-    "SAIL-DP control (rho=0, label averaged out)": _m("sail-dp", label_mode="expected", dp_label_coef=0.0),
+                                       self_labels="expected"),
+    "SAIL-DP control (rho=0, label averaged out)": _m("sail-dp", self_labels="expected", dp_label_coef=0.0),
     # coefficient sweep of the exact response term on top of 100% online DPO (its control)
     "online DPO + response 0.1": _m("online-dpo", control="online DPO", pr_response_coef=0.1),
     "online DPO + response 0.3": _m("online-dpo", control="online DPO", pr_response_coef=0.3),
@@ -218,10 +213,9 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
             history = train_sampled(bandit, method.config, n_seeds=setup.n_seeds, steps=setup.steps,
                                     pairs_per_prompt=setup.pairs_per_prompt, lr=setup.lr, eval_every=setup.eval_every,
                                     offline_pairs_per_prompt=plan["offline_pairs"],
-                                    online_pairs_per_prompt=plan["online_pairs"], reuse_steps=plan["reuse_steps"],
-                                    label_mode=method.label_mode)
+                                    online_pairs_per_prompt=plan["online_pairs"], reuse_steps=plan["reuse_steps"])
             per_seed = {key: history[key][-1] for key in ("reward", "kl_ref", "kl_opt")}
-            entry = {"config": _changed_fields(method.config), "label_mode": method.label_mode, "control": method.control,
+            entry = {"config": _changed_fields(method.config), "self_labels": method.config.self_labels, "control": method.control,
                      "plan": plan, "labels_spent": history["labels_per_prompt"],
                      "optimizer_steps": history["optimizer_steps"], "rounds": history["rounds"],
                      "skipped_steps": sum(history["skipped_steps"]), "clipped_weights": history["clipped_weights"],

@@ -166,7 +166,7 @@ def test_every_method_spends_exactly_the_budget_in_the_same_number_of_steps(budg
         assert 2 * (plan["offline_pairs"] + plan["online_pairs"]) == budget, name
         hist = train_sampled(bandit, method.config, n_seeds=2, steps=steps, eval_every=steps,
                              offline_pairs_per_prompt=plan["offline_pairs"], online_pairs_per_prompt=plan["online_pairs"],
-                             reuse_steps=plan["reuse_steps"], label_mode=method.label_mode)
+                             reuse_steps=plan["reuse_steps"])
         assert hist["labels_per_prompt"] == budget, name          # counted while training, not planned
         assert hist["labels"][-1] == budget and hist["optimizer_steps"] == steps, name
         assert hist["rounds"] == plan["rounds"], name
@@ -238,7 +238,8 @@ def test_expected_label_gradient_is_the_mean_of_sampled_label_gradients(preset, 
     y1, y2 = y[:, :, 0], y[:, :, 1]
     route = torch.full((1, 3, N), route_id)
 
-    expected = grad_of(lambda t: batch_loss(t[None], bandit, config, y1, y2, route, label_mode="expected").loss, theta)
+    expected = grad_of(lambda t: batch_loss(t[None], bandit, config.replace(self_labels="expected"), y1, y2, route).loss,
+                       theta)
     thetas = theta.expand(D, 3, 4).clone().requires_grad_()
     chosen, rejected = draw_labels(torch.sigmoid(pair_logits(theta, bandit)), y1.expand(D, -1, -1),
                                    y2.expand(D, -1, -1), g)
@@ -295,7 +296,7 @@ def test_controls_zero_expected_gradient_from_self_labelled_pairs():
                              ("SAIL-DP control (rho=0, label averaged out)", 1)):
         config = BANDIT_METHODS[name].config
         route = torch.tensor([0] * 7 + [self_route] * 3).expand(1, 3, 10)
-        full = grad_of(lambda t: batch_loss(t, bandit, config, chosen, rejected, route, label_mode="expected").loss,
+        full = grad_of(lambda t: batch_loss(t, bandit, config, chosen, rejected, route).loss,   # config: averaged
                        theta)
         dataset_only = grad_of(lambda t: 0.7 * batch_loss(t, bandit, config, chosen[..., :7], rejected[..., :7],
                                                           route[..., :7]).loss, theta)
