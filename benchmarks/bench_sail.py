@@ -252,7 +252,7 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
 
     def sampler(cache, greedy=False, seed=0, tokens=new_tokens):
         return sample_responses(model, tokenizer, prompts, k=k, max_new_tokens=tokens, seed=seed,
-                                greedy=greedy, cache_implementation=cache)
+                                greedy=greedy, cache=cache)
 
     def seconds_and_tokens(fn):
         """(seconds, new tokens): rows x positions generated (all rows run until the last one stops)."""
@@ -263,7 +263,7 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
     # warm-ups of the dynamic paths first, so the static path's first call times its own set-up
     for _ in range(2):
         plain()
-        sampler(None)
+        sampler("dynamic")
     graphs_before = dynamo_graphs()
     first_static_s, _ = timed(lambda: sampler("static"), device)
     fell_back = static_cache_failed(model)          # the static path raised: the sampler warned, runs dynamic
@@ -271,14 +271,14 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
     for _ in range(2):                                  # CUDA graphs are recorded on the next calls
         sampler("static")
     graphs_warm = dynamo_graphs()
-    runs = alternate({"generate": plain, "sampler_dynamic": lambda: sampler(None),
-                      "sampler_dynamic_unseeded": lambda: sampler(None, seed=None),
+    runs = alternate({"generate": plain, "sampler_dynamic": lambda: sampler("dynamic"),
+                      "sampler_dynamic_unseeded": lambda: sampler("dynamic", seed=None),
                       "sampler_static": lambda: sampler("static")}, repeats, seconds_and_tokens)
     result = {name: statistics.median(tokens / seconds for seconds, tokens in r) for name, r in runs.items()}
     steady_static_s = statistics.median(seconds for seconds, _ in runs["sampler_static"])
     # The sampler's own per-call work (tokenising prompts, forking the RNG, cutting at EOS, decoding texts):
     # one new token each, where the model's share is smallest. Per token both run the same processors.
-    one_token = alternate({"generate": lambda: plain(tokens=1), "sampler": lambda: sampler(None, tokens=1)},
+    one_token = alternate({"generate": lambda: plain(tokens=1), "sampler": lambda: sampler("dynamic", tokens=1)},
                           max(repeats, 3), lambda fn: timed(fn, device)[0])
     per_call_s = statistics.median(one_token["sampler"]) - statistics.median(one_token["generate"])
     plain_call_s = statistics.median(seconds for seconds, _ in runs["generate"])
@@ -286,7 +286,7 @@ def bench_generation(model, tokenizer, prompts: list[str], k: int, new_tokens: i
     # an optimizer step changes the weights in place; the next static call must not compile again
     before = model.get_decoder().layers[0].mlp.down_proj.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    responses = sampler(None, seed=1).select(slice(0, 2))
+    responses = sampler("dynamic", seed=1).select(slice(0, 2))
     model.train()
     sequence_logprobs(model, **{key: v.to(device) for key, v in responses.model_inputs().items()}).mean().backward()
     optimizer.step()
@@ -374,7 +374,7 @@ def bench_iteration(policy, tokenizer, prompts: list[str], new_tokens: int, pair
     splits = []
     for iteration in range(2):
         seconds_generate, samples = timed(lambda: sample_responses(
-            policy, tokenizer, prompts, k=2, max_new_tokens=new_tokens, seed=iteration, cache_implementation="static"),
+            policy, tokenizer, prompts, k=2, max_new_tokens=new_tokens, seed=iteration, cache="static"),
             device)
         seconds_label, labels = timed(lambda: reward_model_labels(
             scorer, prompts, samples.texts[0::2], samples.texts[1::2]), device)

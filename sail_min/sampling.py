@@ -32,7 +32,7 @@ conversation first, the chat template never cut), so the end of the prompt, the 
 answers, is kept. The loop applies it to every prompt it samples for: training, evaluation and
 the reference's samples.
 
-KV cache (`cache_implementation`). None (the default) is transformers' dynamic cache, which
+KV cache (`cache`, SAILConfig's `generation_cache`). "dynamic" (the default) is transformers' dynamic cache, which
 grows by one position per step. "static" preallocates the cache for prompt + max_new_tokens;
 on CUDA, `generate` then compiles the model's forward with torch.compile (`compile`:
 "cudagraphs" = mode "reduce-overhead", transformers' default; "no-cudagraphs" = mode "default";
@@ -78,7 +78,7 @@ Prompt = str | list[dict]
 NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)  # min_new_tokens overrides min_length
 UNTRUNCATED = dict(top_k=0, top_p=1.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **NEUTRAL)
 
-CACHE_IMPLEMENTATIONS = (None, "static")
+CACHES = ("dynamic", "static")             # SAILConfig.generation_cache; "dynamic" = transformers' None
 COMPILE_MODES = {                          # generation_compile -> transformers' CompileConfig arguments
     "cudagraphs": dict(mode="reduce-overhead"),               # transformers' default: inductor + CUDA graphs
     "no-cudagraphs": dict(mode="default"),                    # inductor, no CUDA graphs
@@ -378,7 +378,7 @@ class Sampler:
         with self.precision():
             return sample_responses(model, self.tokenizer, prompts, k=k, max_new_tokens=self.max_new_tokens,
                                     temperature=self.temperature, seed=seed,
-                                    cache_implementation="static" if self.cache == "static" else None,
+                                    cache=self.cache,
                                     compile=self.compile, isolate=self.isolate, batch_rows=self.rows,
                                     text_prompts=self.text_prompts, prompt_length=self.prompt_length,
                                     synced_gpus=self.synced_gpus)
@@ -386,7 +386,7 @@ class Sampler:
 
 def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *, max_new_tokens: int,
                      temperature: float = 1.0, seed: int | None = None, greedy: bool = False,
-                     cache_implementation: str | None = None, compile: str = "cudagraphs",
+                     cache: str = "dynamic", compile: str = "cudagraphs",
                      batch_rows: int | None = None, prompt_length: int | None = None,
                      isolate: bool = True, text_prompts: str = "chat", synced_gpus: bool = False) -> Responses:
     """Draw k responses per prompt, y ~ pi_theta(. | x); same seed, same samples.
@@ -400,7 +400,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *,
     greedy: y_t = argmax z_t instead of sampling (temperature is then unused), so the k
         responses to a prompt are identical. For tests and benchmarks: these are not samples
         of pi_theta, which the on-policy terms of the objective need.
-    cache_implementation: None (transformers' dynamic KV cache) or "static" (preallocated,
+    cache: "dynamic" (transformers' dynamic KV cache) or "static" (preallocated,
         compiled by transformers on CUDA; see the module docstring), with `compile` one of
         "cudagraphs", "no-cudagraphs", "off". The static path falls back to the dynamic one,
         with a warning, if it raises.
@@ -417,10 +417,10 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *,
         raise ValueError(f"k (responses per prompt) must be at least 1, got {k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if cache_implementation not in CACHE_IMPLEMENTATIONS:
-        raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, got {cache_implementation!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     device = next(model.parameters()).device
-    static = cache_implementation == "static" and model not in _static_cache_failed
+    static = cache == "static" and model not in _static_cache_failed
     batch = _tokenize_prompts(tokenizer, prompts, None if (not static or prompt_length) else STATIC_PROMPT_BUCKET,
                               prompt_length if static else None, text_prompts)
     batch = {key: value.to(device) for key, value in batch.items()}

@@ -169,7 +169,7 @@ def test_encode_responses_accepts_conversational_rows(tokenizer):
 
 
 # --------------------------------------------------------------------------------------
-# greedy decoding and the static KV cache (cache_implementation="static")
+# greedy decoding and the static KV cache (cache="static")
 # --------------------------------------------------------------------------------------
 BASE_DIR = Path(__file__).resolve().parents[1] / "data" / "sentiment" / "base"   # Llama, no chat template
 
@@ -198,7 +198,7 @@ def test_static_cache_gives_the_same_tokens_as_the_dynamic_one(model_dir):
     for options, n_prompts in ((dict(greedy=True), 3), (dict(seed=0), 2)):
         kwargs = dict(tokenizer=tokenizer, prompts=prompts[:n_prompts], k=2, max_new_tokens=16, **options)
         dynamic, dynamic_caches = _cache_types(model, **kwargs)
-        static, static_caches = _cache_types(model, **kwargs, cache_implementation="static")
+        static, static_caches = _cache_types(model, **kwargs, cache="static")
         assert dynamic_caches == {"DynamicCache"} and static_caches == {"StaticCache"}
         assert torch.equal(static.response_ids, dynamic.response_ids), options
         assert torch.equal(static.response_mask, dynamic.response_mask) and static.texts == dynamic.texts
@@ -227,20 +227,20 @@ def test_static_cache_failure_warns_once_and_falls_back_to_dynamic(tokenizer, mo
     monkeypatch.setattr(model, "generate", generate_without_static)
     kwargs = dict(prompts=["Hi"], k=2, max_new_tokens=6, seed=0)
     with pytest.warns(RuntimeWarning, match="static-cache generation failed.*not supported here"):
-        fallback = sample_responses(model, tokenizer, cache_implementation="static", **kwargs)
+        fallback = sample_responses(model, tokenizer, cache="static", **kwargs)
     assert calls == ["static", None]
     with warnings.catch_warnings():
         warnings.simplefilter("error")                 # no second warning, no second static attempt
-        again = sample_responses(model, tokenizer, cache_implementation="static", **kwargs)
+        again = sample_responses(model, tokenizer, cache="static", **kwargs)
     assert calls == ["static", None, None]
     dynamic = sample_responses(model, tokenizer, **kwargs)
     assert torch.equal(fallback.response_ids, dynamic.response_ids)
     assert torch.equal(again.response_ids, dynamic.response_ids)
 
 
-def test_unknown_cache_implementation_is_refused(policy, tokenizer):
-    with pytest.raises(ValueError, match="cache_implementation"):
-        sample_responses(policy, tokenizer, ["Hi"], cache_implementation="paged", max_new_tokens=4)
+def test_unknown_cache_is_refused(policy, tokenizer):
+    with pytest.raises(ValueError, match="cache must be one of"):
+        sample_responses(policy, tokenizer, ["Hi"], cache="paged", max_new_tokens=4)
 
 
 def test_plain_text_prompts_meet_a_chat_template_as_a_user_message_or_as_text():
