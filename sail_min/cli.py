@@ -142,9 +142,7 @@ def check_causal_lm(name: str, model, loading: dict) -> None:
     if heads and len(heads) == len(architectures):
         raise UserError(f"--model {name}: is a {', '.join(heads)} checkpoint, not a causal language model "
                         f"(its lm_head would be random); give a causal LM, e.g. an instruct model")
-    output = model.get_output_embeddings()
-    missing = [key for key in loading.get("missing_keys", ()) if output is not None and any(
-        key.endswith(f"{prefix}.{suffix}") for prefix in ("lm_head",) for suffix in ("weight", "bias"))]
+    missing = [key for key in loading.get("missing_keys", ()) if key.endswith(("lm_head.weight", "lm_head.bias"))]
     if missing:
         raise UserError(f"--model {name}: the checkpoint has no {', '.join(sorted(missing))}: the lm_head would be "
                         f"newly initialised (random); give a trained causal language model")
@@ -396,8 +394,9 @@ def _run_train(args) -> int:
 
 
 def leave_process_group(accelerator) -> None:
-    """End a multi-process run without the interpreter's finalisation. The process group's gloo threads can
-    outlive ``destroy_process_group`` (DTensor's caches hold the device mesh, and through it the group), and
+    """End a multi-process run without the interpreter's finalisation. The process group's gloo threads
+    (gloo_tcp_loop, pt_gloo_runloop in /proc/self/task) can outlive ``destroy_process_group`` (DTensor's caches
+    hold the device mesh, and through its _pg_registry the group), and
     a thread torn down while still running aborts the process at exit ("terminate called without an active
     exception", SIGABRT: seen on a loaded 2-core machine, issue 16). Everything is written and every process
     is past the barrier, so the process leaves with status 0 at once."""

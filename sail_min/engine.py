@@ -8,7 +8,8 @@
 - processes: DDP, FSDP2 or DeepSpeed through ``accelerator.prepare``; the engine averages gradients in
   backward, and ``engine_for`` names the module whose forward must run for a model's log-probs;
 - the step: ``backward`` / ``clip_grad_norm`` / ``step``, with the finite check taken across processes
-  (every process runs backward, even on a non-finite loss, so the engine's collectives stay matched);
+  (with several processes every one runs backward, even on a non-finite loss, so the engine's collectives
+  stay matched);
 - checkpoints: ``gathered`` weights and optimiser state of a sharded run; ``check_in_sync`` at the end;
 - sampling: ``sampler`` builds the one ``sampling.Sampler`` of a call site from the config.
 
@@ -41,7 +42,8 @@ class Runtime:
         self.sharded = kind in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
         self.wrapped = None               # DDP / DeepSpeed: what accelerator.prepare returned for the policy
-        self._unscaled = False
+        self._loss_finite = True          # set by backward, read by clip_grad_norm
+        self._unscaled = False            # fp16: gradients unscaled this step, so the scaler updates
 
     # ---- precision -----------------------------------------------------------------------
     def autocast(self):

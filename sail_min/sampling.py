@@ -377,8 +377,7 @@ class Sampler:
     def __call__(self, model, prompts: Sequence[Prompt], k: int, seed: int | None) -> "Responses":
         with self.precision():
             return sample_responses(model, self.tokenizer, prompts, k=k, max_new_tokens=self.max_new_tokens,
-                                    temperature=self.temperature, seed=seed,
-                                    cache=self.cache,
+                                    temperature=self.temperature, seed=seed, cache=self.cache,
                                     compile=self.compile, isolate=self.isolate, batch_rows=self.rows,
                                     text_prompts=self.text_prompts, prompt_length=self.prompt_length,
                                     synced_gpus=self.synced_gpus)

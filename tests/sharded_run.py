@@ -13,7 +13,6 @@ fault= (``tests/test_nonfinite_processes.py``) makes process 1 alone non-finite 
 gradient after FSDP2's reduce-scatter (``set_all_reduce_hook``). Every process then writes OUT/rankR.pt:
 how many steps it skipped (its "step skipped" warnings) and the trainable weights as it sees them.
 """
-import os
 import sys
 import warnings
 
@@ -21,7 +20,7 @@ import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType
 
-from sail_min.cli import parse_set
+from sail_min.cli import leave_process_group, parse_set
 from sail_min.config import SAILConfig
 from sail_min.tasks.sentiment import load_base_model, sentiment_task
 from sail_min.engine import GatheredState
@@ -92,15 +91,4 @@ if fault:
     torch.save({"skipped": sum("step skipped" in str(w.message) for w in caught),
                 "weights": {n: p.detach() for n, p in gathered.items() if p.requires_grad}},
                f"{out}/rank{accelerator.process_index}.pt")
-accelerator.wait_for_everyone()
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
-# destroy_process_group does not end the gloo threads here (gloo_tcp_loop, pt_gloo_runloop: checked in
-# /proc/self/task): DTensor's caches (redistribute planners, device meshes) keep the mesh, and through its
-# _pg_registry the process group, alive. Left to the interpreter, they are torn down during its finalisation
-# with those threads running, which sometimes aborts (issue 16: SIGABRT on rank 1, "terminate called without
-# an active exception", on a loaded machine). Everything is written and every process is past the barrier:
-# leave without finalisation.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+leave_process_group(accelerator)     # barrier, destroy the group, leave without finalisation (see its docstring)
