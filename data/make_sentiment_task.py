@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: make `sail_min` importable
-from sail_min.tasks.sentiment import (  # noqa: E402
+from sail_min.lab.sentiment import (  # noqa: E402
     BT_TEMPERATURE, VaderJudge, bradley_terry_choose_first, label_agreement)
 
 # ----------------------------------------------------------------------------- grammar

@@ -18,15 +18,17 @@ import time
 
 from .config import PRESETS, SAILConfig
 
+DEFAULT_PRESET = next(name for name, fields in PRESETS.items() if not fields)   # the one that is SAILConfig()
+
 
 def _compare(args) -> int:
-    from .compare import format_table, write_results
-    from .experiments import main_job
-    from .tasks.sentiment import REWARD_LABEL
+    from .lab.compare import format_table, write_results
+    from .lab.experiments import main_job
+    from .lab.sentiment import REWARD_LABEL
 
     from .checkpoint import CheckpointError
     from .cli import UserError
-    from .compare import IncompleteRun
+    from .lab.compare import IncompleteRun
 
     start = time.perf_counter()
     if args.full:
@@ -48,9 +50,9 @@ def _compare_full(args, start: float) -> int:
     import json
     from pathlib import Path
 
-    from .compare import format_table, plot_frontier, write_results
-    from .experiments import full_job
-    from .tasks.sentiment import REWARD_LABEL
+    from .lab.compare import format_table, plot_frontier, write_results
+    from .lab.experiments import full_job
+    from .lab.sentiment import REWARD_LABEL
 
     results = full_job(args.out, seeds=args.seeds or 5, progress=False)
     print("each method at its best learning rate:")
@@ -71,13 +73,19 @@ def _compare_full(args, start: float) -> int:
 
 def _train(args) -> int:
     from .cli import run_train
-    return run_train(args)
+    from .lab import sentiment                     # the toy task: imports neither vaderSentiment nor a model yet
+
+    def toy_run():
+        policy, tokenizer = sentiment.load_base_model()
+        return policy, tokenizer, sentiment.sentiment_task()
+
+    return run_train(args, toy_run=toy_run, named_judges={"vader": sentiment.VaderJudge})
 
 
 def _bandit(args) -> int:
     import torch
 
-    from .bandit_comparison import BanditSetup, format_budget_table, format_table, run_bandit_comparison, write_results
+    from .lab.bandit_comparison import BanditSetup, format_budget_table, format_table, run_bandit_comparison, write_results
 
     torch.set_num_threads(1)  # tensors of a few hundred numbers: extra threads only add overhead
     start = time.perf_counter()
@@ -103,8 +111,8 @@ def _fixed_points(args) -> int:
 
     import torch
 
-    from .bandit_comparison import BanditSetup
-    from .bandit_fixed_points import run_part
+    from .lab.bandit_comparison import BanditSetup
+    from .lab.fixed_points import run_part
 
     torch.set_num_threads(1)
     setup, path = BanditSetup.full(), Path(args.out) / "fixed_points.json"
@@ -128,7 +136,8 @@ metrics.jsonl (one line per step) and checkpoint.pt to --out.
 
 The run's settings (a SAILConfig), later sources winning:
   SAILConfig defaults < --config FILE.json < --preset < --set FIELD=VALUE (in order) < --steps, --seed, --out
---preset over --config replaces the config's routes and coefficients; without --config the preset is sail-pr.
+--preset over --config replaces the config's routes and coefficients; without --preset and --config the run takes
+SAILConfig's defaults (offline DPO).
 Mistakes in arguments or files end with one line `error: ...` on stderr and exit status 2."""
 
 
@@ -141,7 +150,8 @@ def _add_train_parser(commands) -> None:
     what.add_argument("--lora-rank", type=int, metavar="R",
                       help="train LoRA adapters of rank R (alpha 2R, all linear layers) instead of all weights")
     what.add_argument("--preset", choices=sorted(PRESETS),
-                      help="the method: its routes and coefficients (default: --config's, else SAILConfig's: offline-dpo)")
+                      help="the method: its routes and coefficients (default: --config's, else SAILConfig's: "
+                           f"{DEFAULT_PRESET})")
     what.add_argument("--config", metavar="FILE.json",
                       help="start from a run's config.json (or any JSON object of SAILConfig fields)")
     what.add_argument("--set", action="append", metavar="FIELD=VALUE",
@@ -163,11 +173,14 @@ def _add_train_parser(commands) -> None:
                             "tokenizer), vader (the toy sentiment judge), or a callable "
                             "(prompts, responses) -> scores imported from module:function")
     run = one.add_argument_group("run")
-    run.add_argument("--steps", type=int, default=None, metavar="N", help="optimiser steps (default: the config's, 42)")
-    run.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every random choice (default: the config's, 0)")
+    defaults = SAILConfig()
+    run.add_argument("--steps", type=int, default=None, metavar="N",
+                     help=f"optimiser steps (default: the config's, else SAILConfig's: {defaults.steps})")
+    run.add_argument("--seed", type=int, default=None, metavar="N",
+                     help=f"seed of every random choice (default: the config's, else SAILConfig's: {defaults.seed})")
     run.add_argument("--out", default=None, metavar="DIR",
-                     help="output folder: config.json, metrics.jsonl, checkpoint.pt (default: --config's "
-                          "output_dir, else SAILConfig's: outputs/run)")
+                     help=f"output folder: config.json, metrics.jsonl, checkpoint.pt (default: --config's "
+                          f"output_dir, else SAILConfig's: {defaults.output_dir})")
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in --out (same settings; --steps may grow)")
     run.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads per process (default 1)")
@@ -201,7 +214,7 @@ def main(argv=None) -> int:
     bandit.add_argument("--full", action="store_true",
                         help="the committed sweep: budgets 16..4096, 10 seeds (results/bandit/, ~3 min)")
 
-    from .bandit_fixed_points import PARTS
+    from .lab.fixed_points import PARTS
     fixed = commands.add_parser("fixed-points", help="the bandit's exact fixed points (notebook 02)")
     fixed.add_argument("--out", default="outputs/bandit", help="output folder of fixed_points.json (default: outputs/bandit)")
     fixed.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
@@ -220,7 +233,7 @@ def main(argv=None) -> int:
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if args.command == "check":
-            from .check import main as check_main
+            from .lab.check import main as check_main
             return check_main()
         return {"compare": _compare, "train": _train, "bandit": _bandit, "fixed-points": _fixed_points}[args.command](args)
     except UserError as error:            # the user's mistake: one line; anything else keeps its traceback

@@ -172,12 +172,13 @@ class NamedJudge:
         return repr(self.judge)
 
 
-def load_judge(spec: str, device, dtype, say):
-    """``vader``, ``module:function`` or a reward model (folder or hub name) -> judge(prompts, responses)."""
-    if spec == "vader":
-        from .tasks.sentiment import VaderJudge
-        say("judge: VADER compound sentiment of each response (the toy task's judge)")
-        return VaderJudge()
+def load_judge(spec: str, device, dtype, say, named_judges: dict | None = None):
+    """A name of ``named_judges`` (the command line adds ``vader``, the toy task's judge), ``module:function``
+    or a reward model (folder or hub name) -> judge(prompts, responses)."""
+    if spec in (named_judges or {}):
+        judge = named_judges[spec]()
+        say(f"judge: {spec}, {(type(judge).__doc__ or '').splitlines()[0].rstrip('.')}")
+        return judge
     if ":" in spec and not Path(spec).exists():
         module_name, _, attribute = spec.partition(":")
         if not module_name or not attribute:
@@ -323,7 +324,10 @@ def resume_hint(config) -> str:
     return f"the checkpoint {path} of the first {done} step(s) is kept: fix the judge and run the same command with --resume"
 
 
-def run_train(args) -> int:
+def run_train(args, toy_run=None, named_judges: dict | None = None) -> int:
+    """``python -m sail_min train``. ``toy_run() -> (policy, tokenizer, task)`` is what runs without --model and
+    ``named_judges`` {name: factory} the judges known by name; the command line passes the lab's toy task
+    (``sail_min.lab.sentiment``) for both, so this module needs nothing from the lab."""
     """The `train` command: build config, accelerator, policy, task; train; print the last evaluation."""
     import warnings
 
@@ -331,12 +335,12 @@ def run_train(args) -> int:
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # in peft
     try:
-        return _run_train(args)
+        return _run_train(args, toy_run, named_judges)
     except CheckpointError as error:                  # names the file and says what to do
         raise UserError(f"--resume: {_one_line(error)}" if args.resume else _one_line(error)) from None
 
 
-def _run_train(args) -> int:
+def _run_train(args, toy_run, named_judges) -> int:
     from .sampling import check_positions
     from .train import train
 
@@ -359,15 +363,15 @@ def _run_train(args) -> int:
         from .train import Task
         pairs, eval_prompts = load_data(args, config, say)
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-        judge = NamedJudge(args.judge, load_judge(args.judge, accelerator.device, dtype, say))
+        judge = NamedJudge(args.judge, load_judge(args.judge, accelerator.device, dtype, say, named_judges))
         _try_judge(args.judge, judge, pairs[0])
         policy, tokenizer = load_policy(args.model, args.lora_rank, dtype, config.seed, say)
         task = Task(preferences=pairs, train_prompts=[row["prompt"] for row in pairs], eval_prompts=eval_prompts,
                     judge=judge)
     else:
-        from .tasks.sentiment import load_base_model, sentiment_task
-        policy, tokenizer = load_base_model()
-        task = sentiment_task()
+        if toy_run is None:
+            raise UserError("no --model given and no toy task available: pass --model, --data and --judge")
+        policy, tokenizer, task = toy_run()
     try:
         check_positions(policy, config.max_prompt_tokens, config.max_new_tokens)
     except ValueError as error:

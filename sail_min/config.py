@@ -31,12 +31,9 @@ from typing import Literal
 
 import torch
 
-from .objective import BASELINES, RESPONSE_MODES
+from .objective import BASELINES, PUBLIC_HOOK_SCALE, RESPONSE_MODES
 
-ROUTES = ("dpo", "dp", "pp", "pr")
-"""The four kinds of pair, in the order of ``SAILConfig.route_probs`` (see the module docstring)."""
-RESPONSES_FROM = {"dpo": "dataset", "dp": "dataset", "pp": "policy", "pr": "policy"}
-LABELS_FROM = {"dpo": "dataset", "dp": "policy", "pp": "policy", "pr": "judge"}
+from .routes import LABELS_FROM, RESPONSES_FROM, ROUTES  # noqa: F401  (the routes, defined in routes.py)
 
 PRESETS = {
     "offline-dpo": {},                                                  # every pair from the dataset
@@ -91,7 +88,7 @@ class SAILConfig:
     """labels from the policy's own model (dp, pp): "sampled" (a draw of sig(z), as in the paper) or
     "expected" (the label averaged out exactly: the same expected gradient without the label's noise; the pair,
     and so the response term, is still sampled)"""
-    public_hook_scale: float = 8.0
+    public_hook_scale: float = PUBLIC_HOOK_SCALE
     """response_mode "public": weight of the hook relative to the mean DPO term; the public code's hook is
     divided by neither batch nor accumulation, so it weighs per-device batch x accumulation (4 x 2)"""
     beta: float = 0.1
@@ -231,7 +228,8 @@ class SAILConfig:
     # ---- building one -------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "SAILConfig":
-        """A named preset ("offline-dpo", "online-dpo", "sail-pr", "sail-pp", "sail-dp") with overrides."""
+        """A named preset (a key of ``PRESETS``: offline-dpo, online-dpo, sail-pr, sail-pp, sail-dp, iterative-dpo)
+        with overrides."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})

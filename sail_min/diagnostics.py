@@ -2,8 +2,8 @@
 
 - ``term_gradient_norms``: ||grad|| of each term of the loss on its own (logged at evaluations);
 - ``explain_skipped_step``: what was non-finite in a skipped step (the loss, log-prob rows, parameter
-  gradients), as metrics, with the step's inputs saved for
-- ``replay_skipped_step``: the same step recomputed with one setting changed at a time.
+  gradients), as metrics, with the step's inputs saved for ``train.replay_skipped_step`` (the same step
+  recomputed with one setting changed at a time; it lives beside the loop whose functions it calls).
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from .config import SAILConfig
-from .engine import Runtime, attention_kernels, enable_gradient_checkpointing
+from .engine import attention_kernels
 from .labels import PairLabels
-from .logprobs import ReferenceModel
 
 
 def term_gradient_norms(loss, policy, routes: torch.Tensor, config: SAILConfig) -> dict:
@@ -29,7 +28,7 @@ def term_gradient_norms(loss, policy, routes: torch.Tensor, config: SAILConfig) 
         return norms                                   # grad_norm/dpo = the step's grad_norm
     params = [p for p in policy.parameters() if p.requires_grad]
     for name in ("dpo", *(name for name, on in active.items() if on)):
-        with attention_kernels(config):
+        with attention_kernels(config.cudnn_attention):
             grads = [g for g in torch.autograd.grad(loss.parts[name], params, retain_graph=True, allow_unused=True)
                      if g is not None]
         norms[f"grad_norm/{name}"] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item() if grads else 0.0
@@ -39,7 +38,7 @@ def term_gradient_norms(loss, policy, routes: torch.Tensor, config: SAILConfig) 
 def explain_skipped_step(path: Path, pairs, logps, labels: PairLabels, loss, policy, config: SAILConfig,
                          step: int, counters: dict) -> dict:
     """What was non-finite (the loss, which log-prob rows, which parameter gradients), as metrics and a
-    warning, and the step's inputs saved to ``path`` for ``replay_skipped_step``."""
+    warning, and the step's inputs saved to ``path`` for ``train.replay_skipped_step``."""
     bad_rows = {name: (~torch.isfinite(value.detach())).nonzero().flatten().tolist()
                 for name, value in vars(logps).items()}
     bad_grads = [name for name, p in policy.named_parameters()
@@ -57,35 +56,3 @@ def explain_skipped_step(path: Path, pairs, logps, labels: PairLabels, loss, pol
                   f"{what}; inputs saved to {path}", RuntimeWarning)
     return {"skip/what": what, "skip/nonfinite_logp_rows": bad_rows, "skip/nonfinite_grads": bad_grads[:20],
             "skip/inputs": str(path)}
-
-
-def replay_skipped_step(path: str | Path, policy, **overrides) -> dict:
-    """Recompute a skipped step from its saved inputs on ``policy`` (built as for the run: the same
-    base model, LoRA included), with the trainable weights as they were; return what is non-finite.
-    ``overrides`` change the run's settings for the replay, one suspect at a time, e.g.
-    ``cudnn_attention=True`` (PyTorch's cuDNN attention kernel), ``mixed_precision="no"`` (fp32).
-
-        from sail_min.diagnostics import replay_skipped_step
-        print(replay_skipped_step("outputs/run/skipped/step_000012.pt", policy))
-    """
-    from .train import pair_loss, score_inputs        # the loop's own functions (train imports this module)
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    config = SAILConfig.from_dict({**state["config"], **overrides})
-    reference = ReferenceModel(policy)                 # a PEFT policy: its base; else the weights as loaded
-    policy.load_state_dict(state["trainable"], strict=False)
-    policy.train()
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-    runtime = Runtime(config)
-    logps = score_inputs(policy, reference, state["inputs"], len(state["routes"]), runtime)
-    loss = pair_loss(logps, PairLabels(state["first_is_chosen"]), state["routes"], config)
-    policy.zero_grad(set_to_none=True)
-    if torch.isfinite(loss.loss):
-        with attention_kernels(config):
-            loss.loss.backward()
-    return {"loss": loss.loss.item(),
-            "nonfinite_logp_rows": {k: (~torch.isfinite(v.detach())).nonzero().flatten().tolist()
-                                    for k, v in vars(logps).items()},
-            "nonfinite_grads": [name for name, p in policy.named_parameters()
-                                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]}

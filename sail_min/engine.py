@@ -18,13 +18,27 @@ One process and no engine configured: no wrapper, no hook, nothing but autocast 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
-from .logprobs import ReferenceModel, _is_peft_model, sequence_logprobs
+from .checkpoint import save_checkpoint
+from .logprobs import ReferenceModel, is_peft_model, sequence_logprobs
 from .sampling import Sampler
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What ``Runtime.step`` did."""
+
+    taken: bool
+    """the optimiser stepped: the loss and every gradient were finite on every process"""
+    grad_norm: float
+    """global gradient norm before clipping (nan when the step was not taken)"""
+    loss_finite: bool
+    """the loss was finite on every process"""
 
 
 class Runtime:
@@ -38,22 +52,22 @@ class Runtime:
         self.rank, self.processes = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         kind = self.accelerator.distributed_type
-        self.deepspeed = kind == DistributedType.DEEPSPEED
-        self.sharded = kind in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if kind == DistributedType.DEEPSPEED:
+            raise NotImplementedError("DeepSpeed is not supported: FSDP2 is the tested way to shard "
+                                      "(accelerate launch --config_file accelerate_fsdp.yaml ...)")
+        self.sharded = kind == DistributedType.FSDP
         self.scaler = torch.amp.GradScaler(self.device.type) if config.mixed_precision == "fp16" else None
-        self.wrapped = None               # DDP / DeepSpeed: what accelerator.prepare returned for the policy
-        self._loss_finite = True          # set by backward, read by clip_grad_norm
-        self._unscaled = False            # fp16: gradients unscaled this step, so the scaler updates
+        self.wrapped = None               # DDP: what accelerator.prepare returned for the policy
 
     # ---- precision -----------------------------------------------------------------------
     def autocast(self):
         """torch.autocast for ``mixed_precision`` ("no" = a disabled context: plain fp32)."""
-        return autocast(self.config, self.device)
+        return autocast(self.config.mixed_precision, self.device)
 
     @contextmanager
     def forward(self):
         """The context of every training forward and backward: autocast and the attention-kernel guard."""
-        with self.autocast(), attention_kernels(self.config):
+        with self.autocast(), attention_kernels(self.config.cudnn_attention):
             yield
 
     # ---- processes -------------------------------------------------------------------------
@@ -83,47 +97,43 @@ class Runtime:
         return reference.logprobs(**inputs, engine=self.engine_for(reference.model))
 
     # ---- the step ------------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward() (scaled under fp16) inside the attention guard: the engine averages here.
-        Several processes: a non-finite loss is backpropagated as a zero through the same graph, so the
-        others do not wait in its collectives (DDP's all-reduce, FSDP2's reduce-scatter) forever;
-        ``clip_grad_norm`` then skips the step on every process. One process: no backward at all."""
-        self._loss_finite = bool(torch.isfinite(loss))
-        if self.deepspeed:                 # DeepSpeed (UNTESTED): its backward also steps; skip it on a bad loss
-            finite = self.all_finite(self._loss_finite)
-            if finite:
-                with attention_kernels(self.config):
-                    self.accelerator.backward(loss)
-            self._loss_finite = finite
-            return
-        if not self._loss_finite:
-            if self.processes == 1:
-                return                                             # nothing waits for this backward
-            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0   # applied by no process
-        with attention_kernels(self.config):                       # checkpointing re-runs attention here
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+    def step(self, loss: torch.Tensor, policy, optimizer) -> "StepResult":
+        """backward, clip, optimizer step: ``loss.backward(); clip_grad_norm_(...); optimizer.step()`` of plain
+        PyTorch, with three additions, all visible here:
 
-    def clip_grad_norm(self, policy, optimizer) -> float | None:
-        """The gradient norm before clipping, after clipping to ``max_grad_norm``; None (no step) unless
-        the loss and every gradient are finite on ALL processes. fp16: the gradients are unscaled first."""
-        if self.deepspeed:                 # the engine keeps the norm; clipping is its config's
-            return float("nan") if self._loss_finite else None
-        if self.scaler and self._loss_finite:
+        1. finite check on EVERY process: the step is taken only if the loss and every gradient are finite on
+           all processes (one all-reduce), else skipped on all, weights untouched (``StepResult.taken`` False).
+           With several processes a non-finite loss is still backpropagated, as a zero through the same graph,
+           so the other processes do not wait in the engine's collectives (DDP's all-reduce, FSDP2's
+           reduce-scatter) forever; one process skips its backward;
+        2. fp16 (``mixed_precision="fp16"``): the loss is scaled before backward and the gradients unscaled
+           before the finite check, the norm and the clip; the scaler's update runs on every step, taken or
+           not, so an overflow lowers the scale (a non-finite loss, which has no unscaled gradients, lowers it
+           by the scaler's backoff factor);
+        3. the gradient norm is measured BEFORE clipping (to ``max_grad_norm``; 0 = no clipping).
+        Backward runs inside the attention-kernel guard. ``optimizer.zero_grad()`` is the caller's, before."""
+        loss_finite = self.all_finite(bool(torch.isfinite(loss)))
+        if loss_finite or self.processes > 1:
+            if not loss_finite:
+                loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0   # applied by no process
+            with attention_kernels(self.config.cudnn_attention):  # checkpointing re-runs attention here
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler and loss_finite:
             self.scaler.unscale_(optimizer)
-            self._unscaled = True
-        finite = self._loss_finite and all(bool(torch.isfinite(local_shard(p.grad)).all())
+        grads_finite = loss_finite and all(bool(torch.isfinite(local_shard(p.grad)).all())
                                            for p in policy.parameters() if p.grad is not None)
-        if not self.all_finite(finite):
-            return None                                            # DTensors (FSDP2): the global norm below
-        return torch.nn.utils.clip_grad_norm_(policy.parameters(), self.config.max_grad_norm or float("inf")).item()
-
-    def step(self, optimizer, grad_norm: float | None) -> None:
-        """optimizer.step() if the step is taken (through the fp16 scaler), then the scaler's update."""
-        if grad_norm is not None:
+        taken = self.all_finite(grads_finite)
+        grad_norm = float("nan")
+        if taken:                                                  # DTensors (FSDP2): the global norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                       self.config.max_grad_norm or float("inf")).item()
             self.scaler.step(optimizer) if self.scaler else optimizer.step()
-        if self._unscaled:
-            self.scaler.update()                                   # lowers the fp16 scale after an overflow
-            self._unscaled = False
+        if self.scaler:
+            if loss_finite:
+                self.scaler.update()                               # lowers the scale after an overflow
+            else:
+                self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        return StepResult(taken=taken, grad_norm=grad_norm, loss_finite=loss_finite)
 
     def all_finite(self, finite: bool) -> bool:
         """True only if ``finite`` holds on every process (one all-reduce; one process: as it is)."""
@@ -132,7 +142,27 @@ class Runtime:
         total = self.accelerator.reduce(torch.tensor(float(finite), device=self.device), "sum")
         return bool(total == self.processes)
 
+    # ---- who does what -------------------------------------------------------------------------
+    @property
+    def evaluates(self) -> bool:
+        """This process takes part in evaluation: process 0, or every process when the weights are sharded."""
+        return self.is_main or self.sharded
+
+    @property
+    def alone(self) -> bool:
+        """One process: extra backward passes (per-term gradient norms) cannot desynchronise the others."""
+        return self.processes == 1
+
     # ---- checkpoints and the end of a run -------------------------------------------------------
+    def save_checkpoint(self, path, policy, optimizer, **state) -> None:
+        """``checkpoint.save_checkpoint`` of the trainable weights, optimiser and scaler, with the config and
+        ``state`` (next_step, counters). Sharded: every process gathers the full tensors (collective),
+        process 0 writes."""
+        model, optimizer_state = self.gathered(policy, optimizer)
+        if self.is_main:
+            save_checkpoint(path, model=model, optimizer=optimizer_state, config=self.config.to_dict(),
+                            scaler=self.scaler, **state)
+
     def gathered(self, policy, optimizer):
         """What ``save_checkpoint`` reads: the policy and optimiser, or their full tensors when sharded
         (collective: every process calls it; process 0 saves)."""
@@ -164,15 +194,16 @@ class Runtime:
 # --------------------------------------------------------------------------------------
 # precision and memory
 # --------------------------------------------------------------------------------------
-def autocast(config, device: torch.device):
-    """torch.autocast for ``config.mixed_precision`` ("no" = a disabled context: plain fp32)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+def autocast(mixed_precision: str, device: torch.device):
+    """torch.autocast for ``mixed_precision`` "bf16" or "fp16" ("no" = a disabled context: plain fp32)."""
+    mixed_precision = getattr(mixed_precision, "mixed_precision", mixed_precision)   # TRANSITIONAL: a config
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @contextmanager
-def attention_kernels(config):
-    """PyTorch's cuDNN attention kernel off inside (unless ``config.cudnn_attention``), restored on exit.
+def attention_kernels(cudnn_attention: bool):
+    """PyTorch's cuDNN attention kernel off inside (unless ``cudnn_attention``, the config's field), restored on exit.
 
     Its backward on H100/H200 returns NaN query gradients (the forward is fine, so is the loss) when
     an attention mask is passed, seq_len % 128 == 64 and a row's logsumexp is below -88.7 = -ln(FLT_MAX):
@@ -180,8 +211,9 @@ def attention_kernels(config):
     the backward must run inside: the kernel of the backward is chosen in the forward, except under
     gradient checkpointing, which re-runs the attention forward during backward. The flag is
     process-global (no effect on a CPU)."""
+    cudnn_attention = getattr(cudnn_attention, "cudnn_attention", cudnn_attention)   # TRANSITIONAL: a config
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    torch.backends.cuda.enable_cudnn_sdp(before and config.cudnn_attention)
+    torch.backends.cuda.enable_cudnn_sdp(bool(before and cudnn_attention))
     try:
         yield
     finally:
@@ -213,18 +245,14 @@ def prepare(policy, optimizer, reference: ReferenceModel, accelerator: Accelerat
     - FSDP2: ``fully_shard`` per decoder layer, the embeddings + final norm + lm_head as one unit
       and the root (accelerate's wrapping), in place: ``policy`` is the same module with DTensor
       parameters. pi_ref: LoRA = the same sharded module with adapters disabled (no copy); a full
-      model = its deep copy (taken before sharding), sharded the same way;
-    - DeepSpeed (untested: not installed here): the engine wraps like DDP; LoRA only.
+      model = its deep copy (taken before sharding), sharded the same way.
+    DeepSpeed is refused by ``Runtime`` (FSDP2 is the tested way to shard).
     """
     kind = accelerator.distributed_type
-    if kind == DistributedType.NO or (accelerator.num_processes == 1 and kind not in (DistributedType.FSDP,
-                                                                                       DistributedType.DEEPSPEED)):
+    if kind == DistributedType.NO or (accelerator.num_processes == 1 and kind != DistributedType.FSDP):
         return policy, optimizer, None
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise NotImplementedError("FSDP1 is not supported: set fsdp_version: 2 (accelerate_fsdp.yaml)")
-    if kind == DistributedType.DEEPSPEED and not reference.uses_disabled_adapters:
-        raise NotImplementedError("DeepSpeed with a full-model policy would keep an unsharded reference copy on "
-                                  "every GPU: use LoRA (pi_ref = adapters disabled) or FSDP2")
     if kind != DistributedType.FSDP and accelerator.ddp_handler is None:
         accelerator.ddp_handler = NoInitSync()
     if accelerator.is_fsdp2:
@@ -251,7 +279,7 @@ def is_fully_sharded(model) -> bool:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
         return False
-    base = model.get_base_model() if _is_peft_model(model) else model
+    base = model.get_base_model() if is_peft_model(model) else model
     return isinstance(model, FSDPModule) or isinstance(base, FSDPModule)
 
 
@@ -260,7 +288,7 @@ def unwrapped(policy):
 
 
 def is_engine(module) -> bool:
-    return isinstance(module, torch.nn.parallel.DistributedDataParallel) or type(module).__name__ == "DeepSpeedEngine"
+    return isinstance(module, torch.nn.parallel.DistributedDataParallel)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
@@ -279,13 +307,6 @@ class GatheredState:
 
     def __init__(self, policy, optimizer):
         named = list(policy.named_parameters())
-        if any(hasattr(p, "ds_id") for _, p in named):       # DeepSpeed ZeRO-3 (UNTESTED): gather, copy
-            import deepspeed
-            with deepspeed.zero.GatheredParameters([p for _, p in named]):
-                self.params = [(name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-                               for name, p in named]
-            self.optimizer_state = {"state": {}, "param_groups": []}    # partitioned by the engine: not saved
-            return
         self.params = [(name, torch.nn.Parameter(full_tensor(p.detach()), requires_grad=p.requires_grad))
                        for name, p in named]
         state = optimizer.state_dict()

@@ -254,8 +254,8 @@ class RewardModelScorer:
 
 # (c) implicit reward ----------------------------------------------------------------------
 
-def implicit_reward_labels(policy_logps_first: torch.Tensor, ref_logps_first: torch.Tensor,
-                           policy_logps_second: torch.Tensor, ref_logps_second: torch.Tensor,
+def implicit_reward_labels(policy_logps_first: torch.Tensor, policy_logps_second: torch.Tensor,
+                           ref_logps_first: torch.Tensor, ref_logps_second: torch.Tensor,
                            beta: float, rule: str = "bernoulli",
                            generator: torch.Generator | None = None) -> PairLabels:
     """Label pairs by the policy's implicit reward  s = beta * (l_theta(y|x) - l_ref(y|x)).

@@ -138,7 +138,7 @@ def _through_engine(model, wrapped, inputs: dict, response_mask: torch.Tensor, c
     return result[-1]
 
 
-def _is_peft_model(model) -> bool:
+def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel    # optional dependency, only needed for LoRA
     except ImportError:
@@ -157,7 +157,7 @@ class ReferenceModel:
     """
 
     def __init__(self, model, copy: bool = True):
-        self.uses_disabled_adapters = _is_peft_model(model)
+        self.uses_disabled_adapters = is_peft_model(model)
         if self.uses_disabled_adapters:
             self.model = model
         else:

@@ -86,6 +86,9 @@ import torch.nn.functional as F
 
 RESPONSE_MODES = ("exact", "public", "off")
 IMPORTANCE_CLIP = 20.0
+PUBLIC_HOOK_SCALE = 8.0
+"""The public code's hook weighs per-device batch x gradient accumulation (4 x 2) times its mean against the
+mean DPO term (it is divided by neither): ``sail_loss``'s and ``SAILConfig``'s default ``public_hook_scale``."""
 """the largest importance weight of a reused pair's response term (``importance_weights``)"""
 BASELINES = ("none", "loo")
 
@@ -345,7 +348,7 @@ def sail_loss(
     response_mode: str = "exact",
     baseline: str | torch.Tensor = "loo",
     groups: torch.Tensor | None = None,
-    public_hook_scale: float | None = None,
+    public_hook_scale: float = PUBLIC_HOOK_SCALE,
     weights: torch.Tensor | None = None,
     expected_labels: torch.Tensor | None = None,
     check_finite: bool = True,
@@ -359,8 +362,8 @@ def sail_loss(
     ``response_mode``: "exact" (the derivation), "public" (the public code's hook), "off".
     ``public_hook_scale``: the weight of the mean public term relative to the mean DPO term. The
     public code's hook is divided neither by the batch size nor by gradient accumulation, so in its
-    training step this is per-device batch x accumulation steps (4 x 2 = 8 in its defaults);
-    None = the number of pairs here (a hook on each pair of one step).
+    training step this is per-device batch x accumulation steps (4 x 2 = 8 in its defaults:
+    ``PUBLIC_HOOK_SCALE``, also ``SAILConfig``'s default).
     ``expected_labels`` (bool per pair): pairs whose label comes from the policy's own model and is
     averaged out exactly (``expected_label_terms``) instead of drawn; pass them in their own order
     (y1 as "chosen"). Their response-term weight is the expected DPO loss H(sig(z)).
@@ -373,8 +376,8 @@ def sail_loss(
     """
     if response_mode not in RESPONSE_MODES:
         raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {response_mode!r}")
-    if public_hook_scale is not None and not (isinstance(public_hook_scale, (int, float)) and public_hook_scale > 0):
-        raise ValueError(f"public_hook_scale must be a number > 0 or None, got {public_hook_scale!r}")
+    if not (isinstance(public_hook_scale, (int, float)) and public_hook_scale > 0):
+        raise ValueError(f"public_hook_scale must be a number > 0, got {public_hook_scale!r}")
     z = dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                    check_finite)
     if z.ndim != 1 or z.numel() == 0:
@@ -407,8 +410,7 @@ def sail_loss(
         parts["response"] = (weights * response_coef * response).sum()
     elif response_mode == "public":
         response = public_code_response_term(z, policy_chosen_logps, policy_rejected_logps)
-        scale = z.numel() if public_hook_scale is None else public_hook_scale
-        parts["response"] = scale * (weights * response_coef * response).sum()    # default weights: the mean
+        parts["response"] = public_hook_scale * (weights * response_coef * response).sum()    # default weights: the mean
     else:
         response = torch.zeros_like(z)
         parts["response"] = z.new_zeros(())

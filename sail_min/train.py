@@ -10,10 +10,10 @@ One optimiser step is four functions and the four lines of any PyTorch step, in 
   3. label    dpo: the dataset (y1 = chosen); dp / pp: a draw of the policy's Bradley-Terry model
               P(y1 > y2) = sig(z); pr: the judge (``sail_min.labels``);
   4. loss     ``objective.sail_loss`` with per-pair coefficients from the route;
-  5. step     zero_grad, backward (the engine averages gradients over processes), clip, step. A loss or
-              gradient that is not finite on some process skips the step on all (weights untouched); the
-              metrics say what was non-finite and the step's inputs are saved for
-              ``diagnostics.replay_skipped_step``.
+  5. step     zero_grad, then ``Runtime.step``: backward (DDP / FSDP2 average gradients over processes),
+              clip, optimizer step. A loss or gradient that is not finite on some process skips the step on
+              all (weights untouched); the metrics say what was non-finite and the step's inputs are saved
+              for ``replay_skipped_step``.
 
 With ``reuse_steps = R > 1`` (iterative DPO in rounds) steps 1 and 3 run once per round of R steps:
 the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step, and
@@ -31,7 +31,7 @@ the metrics file in ``metrics.py``. A step can be read here and in the math modu
 
 Multi-process (``accelerate launch``): the pairs of a step are drawn for all processes at once and
 process r takes pairs [r n, (r+1) n), so W processes of n pairs draw what one process of W n pairs
-would; the runtime's engine (DDP, FSDP2, DeepSpeed) averages the gradients. Process 0 logs and
+would; the runtime's engine (DDP or FSDP2) averages the gradients. Process 0 logs and
 checkpoints; with sharded weights every process takes part in evaluation and in gathering the
 checkpoint (a sharded forward needs all of them). One process: no wrapper at all.
 """
@@ -48,14 +48,15 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, restore, save_checkpoint
+from .checkpoint import load_checkpoint, restore
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
 from .diagnostics import explain_skipped_step, term_gradient_norms
-from .engine import Runtime
+from .engine import Runtime, attention_kernels, enable_gradient_checkpointing
 from .labels import PairLabels, check_judge_scores, implicit_reward_labels, reward_model_labels
 from .logprobs import ReferenceModel
 from .metrics import append_metrics, compilations_since, open_metrics, step_record
-from .objective import SAILLoss, baseline_groups, importance_weights, sail_loss
+from .objective import SAILLoss
+from .routes import route_loss
 from .sampling import Responses, Sampler, check_positions, compile_stats, encode_responses, truncate_prompts_left
 
 
@@ -187,10 +188,11 @@ def score_inputs(policy, reference: ReferenceModel, inputs: dict, n: int, runtim
 # --------------------------------------------------------------------------------------
 def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConfig,
                 generator: torch.Generator) -> tuple[PairLabels, int]:
-    """Is y1 the chosen response? Returns the labels and the judge calls made (2 per judged pair)."""
+    """Is y1 the chosen response? Returns the labels and the judge queries made (responses scored: 2 per
+    judged pair)."""
     labels_from = [LABELS_FROM[ROUTES[r]] for r in pairs.routes.tolist()]
     first_is_chosen = torch.ones(len(labels_from), dtype=torch.bool)                   # dataset: y1 = chosen
-    self_labels = implicit_reward_labels(logps.policy_first, logps.ref_first, logps.policy_second,
+    self_labels = implicit_reward_labels(logps.policy_first, logps.policy_second, logps.ref_first,
                                          logps.ref_second, config.beta, "bernoulli", generator)
     by_policy = torch.tensor([source == "policy" for source in labels_from])
     if config.self_labels == "sampled":               # "expected": the loss averages the label out (pair order kept)
@@ -214,25 +216,15 @@ def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConf
 # --------------------------------------------------------------------------------------
 def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig,
               old_logps: torch.Tensor | None = None) -> SAILLoss:
-    """``objective.sail_loss`` on (chosen, rejected) as labelled, coefficients from the routes; the
-    response term's leave-one-out baseline is taken within each route (``objective.baseline_groups``,
-    as in the bandit). ``old_logps``: l(y1) + l(y2) at the step that drew the pairs (a reused round,
-    ``reuse_steps > 1``): the response term gets the importance weight pi_theta / pi_old of the pair
-    (``objective.importance_weights``), so it stays unbiased on reused pairs."""
-    importance = None
-    if old_logps is not None:
-        importance = importance_weights(logps.policy_first + logps.policy_second, old_logps.to(logps.policy_first.device))
+    """The loss of the step's pairs: (chosen, rejected) as labelled, then ``routes.route_loss`` (the same
+    function as the bandit's): coefficients from the routes, the leave-one-out baseline within each route,
+    self-labels averaged out if the config says so. ``old_logps``: l(y1) + l(y2) at the step that drew the
+    pairs (a reused round, ``reuse_steps > 1``): the response term gets the importance weight
+    pi_theta / pi_old of the pair."""
     policy_chosen, policy_rejected = labels.chosen_rejected(logps.policy_first, logps.policy_second)
     ref_chosen, ref_rejected = labels.chosen_rejected(logps.ref_first, logps.ref_second)
-    response_coef, label_coef = (c.to(policy_chosen.device) for c in config.coefficients(routes))
-    expected = None
-    if config.self_labels == "expected":
-        expected = torch.tensor([LABELS_FROM[ROUTES[r]] == "policy" for r in routes.tolist()])
-    return sail_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta,
-                     response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
-                     baseline=config.baseline, groups=baseline_groups(routes.to(policy_chosen.device)),
-                     public_hook_scale=config.public_hook_scale, expected_labels=expected, response_importance=importance,
-                     check_finite=False)                                               # non-finite: step skipped
+    return route_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, routes, config,
+                      old_logps=old_logps, check_finite=False)                       # non-finite: step skipped
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +262,7 @@ def reference_scores(reference: ReferenceModel, tokenizer, task: Task, runtime: 
 
 @torch.no_grad()
 def evaluate(policy, reference: ReferenceModel, sampler: Sampler, task: Task, runtime: Runtime,
-             baseline_scores: torch.Tensor) -> dict:
+             reference_judge_scores: torch.Tensor) -> dict:
     """Judge reward, win rate vs the reference's samples and KL(pi || pi_ref) on held-out prompts.
 
     KL is the Monte-Carlo estimate E_{y ~ pi}[l_theta(y|x) - l_ref(y|x)] on one sample per prompt (it can
@@ -284,9 +276,9 @@ def evaluate(policy, reference: ReferenceModel, sampler: Sampler, task: Task, ru
     with runtime.autocast():
         kl = (runtime.logprobs(policy, inputs) - runtime.reference_logprobs(reference, inputs)).float()
     policy.train(was_training)
-    wins = (scores > baseline_scores).float() + 0.5 * (scores == baseline_scores).float()
+    wins = (scores > reference_judge_scores).float() + 0.5 * (scores == reference_judge_scores).float()
     return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
-            "eval/reference_judge_reward": baseline_scores.mean().item(),
+            "eval/reference_judge_reward": reference_judge_scores.mean().item(),
             "eval/win_rate": wins.mean().item(), "eval/kl": kl.mean().item(),
             "eval/response_length": samples.lengths.float().mean().item(),
             "eval/contains_eos": samples.contains_eos.float().mean().item()}
@@ -310,12 +302,12 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     reference = ReferenceModel(policy)                                   # pi_ref = the policy as it starts
     optimizer = make_optimizer(config, policy)
     start, counters = resume_from(out / "checkpoint.pt", policy, optimizer, runtime) if resume else (0, {})
-    policy, optimizer = runtime.prepare(policy, optimizer, reference)   # checkpointing; DDP / FSDP2 / DeepSpeed
+    policy, optimizer = runtime.prepare(policy, optimizer, reference)   # checkpointing; DDP / FSDP2
     history = open_metrics(out, config, start, resume) if runtime.is_main else []
     compiled_before = compile_stats()                                    # the run's compilations, from here
     sampler = runtime.sampler(tokenizer, rows=2 * config.pairs_per_step)            # training samples: y1, y2
     eval_sampler = runtime.sampler(tokenizer, rows=min(config.eval_prompts, len(task.eval_prompts)))
-    baseline_scores = reference_scores(reference, tokenizer, task, runtime)
+    reference_judge_scores = reference_scores(reference, tokenizer, task, runtime)
     judge_truncated_before = getattr(task.judge, "truncated", 0)        # judge inputs cut to its length
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {out}",
                disable=not (progress and runtime.is_main))
@@ -331,40 +323,68 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         logps = score_pairs(policy, reference, pairs, runtime)                                        # 2. score
         t2 = time.perf_counter()
         if new_round:                                                                                 # 3. label
-            labels, judge_calls = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
+            labels, judge_queries = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
                 step_seed(config.seed, step, runtime.rank, "labels")))
             old_logps = (logps.policy_first + logps.policy_second).detach()   # pi_old: reused pairs are reweighted
         t3 = time.perf_counter()
         loss = pair_loss(logps, labels, pairs.routes, config, old_logps if config.reuse_steps > 1 else None)  # 4.
-        term_norms = (term_gradient_norms(loss, policy, pairs.routes, config)
-                      if evaluating and runtime.is_main and runtime.processes == 1 else {})
+        term_norms = term_gradient_norms(loss, policy, pairs.routes, config) if evaluating and runtime.alone else {}
         optimizer.zero_grad(set_to_none=True)                                                         # 5. step
-        runtime.backward(loss.loss)                               # every process; the engine averages gradients
-        grad_norm = runtime.clip_grad_norm(policy, optimizer)     # None: not finite on some process, no step
-        runtime.step(optimizer, grad_norm)
+        stepped = runtime.step(loss.loss, policy, optimizer)  # backward, clip, step; skipped on all if not finite
         t4 = time.perf_counter()
         # -------------------------------- BOOKKEEPING ----------------------------------
-        counters = count(counters, pairs, judge_calls, new_round, grad_norm is None)
-        skipped = {} if grad_norm is not None else explain_skipped_step(    # what was not finite; inputs saved
+        grad_norm = stepped.grad_norm if stepped.taken else None
+        counters = update_counters(counters, pairs, judge_queries, new_round, not stepped.taken)
+        skipped = {} if stepped.taken else explain_skipped_step(    # what was not finite; inputs saved
             out / "skipped" / f"step_{step:06d}.pt", pairs, logps, labels, loss, policy, config, step, counters)
         seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
         record = step_record(step, loss, pairs, config, seconds, counters, compiled_before, grad_norm, skipped,
                              term_norms, getattr(task.judge, "truncated", 0) - judge_truncated_before)
-        if evaluating and (runtime.is_main or runtime.sharded):      # sharded: every process takes part
+        if evaluating and runtime.evaluates:                         # sharded: every process takes part
             t5 = time.perf_counter()
-            record |= evaluate(policy, reference, eval_sampler, task, runtime, baseline_scores)
+            record |= evaluate(policy, reference, eval_sampler, task, runtime, reference_judge_scores)
             record |= {"time/evaluate": time.perf_counter() - t5} | compilations_since(compiled_before)
             bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
         if runtime.is_main:
             history.append(record)
             append_metrics(out, record, runtime.accelerator)
         if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
-            model, optimizer_state = runtime.gathered(policy, optimizer)   # full tensors of a sharded run
-            if runtime.is_main:
-                save_checkpoint(out / "checkpoint.pt", model=model, optimizer=optimizer_state, next_step=step + 1,
-                                counters=counters, config=config.to_dict(), scaler=runtime.scaler)
+            runtime.save_checkpoint(out / "checkpoint.pt", policy, optimizer, next_step=step + 1, counters=counters)
     runtime.finish(policy)                                               # every process ends with the same weights
     return history
+
+
+# --------------------------------------------------------------------------------------
+# a skipped step, replayed
+# --------------------------------------------------------------------------------------
+def replay_skipped_step(path: str | Path, policy, **overrides) -> dict:
+    """Recompute a skipped step from its saved inputs on ``policy`` (built as for the run: the same
+    base model, LoRA included), with the trainable weights as they were; return what is non-finite.
+    ``overrides`` change the run's settings for the replay, one suspect at a time, e.g.
+    ``cudnn_attention=True`` (PyTorch's cuDNN attention kernel), ``mixed_precision="no"`` (fp32).
+
+        from sail_min.train import replay_skipped_step
+        print(replay_skipped_step("outputs/run/skipped/step_000012.pt", policy))
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = SAILConfig.from_dict({**state["config"], **overrides})
+    reference = ReferenceModel(policy)                 # a PEFT policy: its base; else the weights as loaded
+    policy.load_state_dict(state["trainable"], strict=False)
+    policy.train()
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    runtime = Runtime(config)
+    logps = score_inputs(policy, reference, state["inputs"], len(state["routes"]), runtime)
+    loss = pair_loss(logps, PairLabels(state["first_is_chosen"]), state["routes"], config)
+    policy.zero_grad(set_to_none=True)
+    if torch.isfinite(loss.loss):
+        with attention_kernels(config.cudnn_attention):
+            loss.loss.backward()
+    return {"loss": loss.loss.item(),
+            "nonfinite_logp_rows": {k: (~torch.isfinite(v.detach())).nonzero().flatten().tolist()
+                                    for k, v in vars(logps).items()},
+            "nonfinite_grads": [name for name, p in policy.named_parameters()
+                                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]}
 
 
 # --------------------------------------------------------------------------------------
@@ -373,14 +393,14 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
 COUNTERS = ("skipped_steps", "truncated_prompts", "truncated_responses", "judge_queries")
 
 
-def count(counters: dict, pairs: StepPairs, judge_calls: int, new_round: bool, skipped: bool) -> dict:
+def update_counters(counters: dict, pairs: StepPairs, judge_queries: int, new_round: bool, skipped: bool) -> dict:
     """The run's running totals (checkpointed; a resumed run goes on counting)."""
     counters = {name: counters.get(name, 0) for name in COUNTERS}
     counters["skipped_steps"] += int(skipped)
     if new_round:                                         # a round's pairs and labels are counted once
         counters["truncated_prompts"] += pairs.truncated_prompts
         counters["truncated_responses"] += pairs.truncated_responses
-        counters["judge_queries"] += judge_calls
+        counters["judge_queries"] += judge_queries
     return counters
 
 
@@ -390,7 +410,7 @@ def resume_from(path: Path, policy, optimizer, runtime: Runtime) -> tuple[int, d
     if not path.exists():
         return 0, {}
     if runtime.sharded:
-        raise NotImplementedError("resuming a sharded (FSDP / DeepSpeed) run is not implemented: its checkpoint "
+        raise NotImplementedError("resuming a sharded (FSDP2) run is not implemented: its checkpoint "
                                   "holds the gathered trainable weights, load them into the model to start over")
     state = load_checkpoint(path, map_location=runtime.device)
     return restore(state, policy, optimizer, runtime.scaler, config=runtime.config.to_dict(), path=path)
@@ -403,6 +423,4 @@ def check_task(task: Task, config: SAILConfig, runtime: Runtime) -> None:
         raise ValueError("the config samples online pairs, but task.train_prompts is empty")
     if len(task.eval_prompts) == 0:
         raise ValueError("task.eval_prompts is empty: evaluation needs held-out prompts")
-    if runtime.deepspeed and config.route_pp + config.route_pr > 0:
-        raise NotImplementedError("online routes (pp, pr) under DeepSpeed: sampling through the engine is not "
-                                  "written; use FSDP2 (accelerate_fsdp.yaml) or data parallel")
+

@@ -5,7 +5,7 @@ import torch
 from accelerate import Accelerator
 
 from sail_min.config import SAILConfig
-from sail_min.tasks.sentiment import load_base_model, sentiment_task
+from sail_min.lab.sentiment import load_base_model, sentiment_task
 from sail_min.train import train
 
 accelerator = Accelerator(cpu=True)

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from sail_min.bandit import (
+from sail_min.lab.bandit import (
     exact_objective, exact_surrogate_loss, expected_reward, kl, make_bandit, pair_logits,
     reference_pair_probs, train_sampled,
 )
-from sail_min.check import (
+from sail_min.lab.check import (
     bilevel_gradient, lower_objective, monte_carlo_errors, relative_error, slope, solve_lower_level,
     surrogate_gradient, true_gradient,
 )
@@ -133,7 +133,7 @@ def test_non_finite_steps_are_skipped_and_counted():
 
 
 def test_dataset_routes_need_a_dataset():
-    from sail_min.bandit import sample_pairs
+    from sail_min.lab.bandit import sample_pairs
     bandit = make_bandit(n_prompts=2, n_responses=3)
     with pytest.raises(ValueError, match="offline_chosen"):
         sample_pairs(bandit.ref_logits[None], bandit, SAILConfig(), 4, torch.Generator())
@@ -142,8 +142,8 @@ def test_dataset_routes_need_a_dataset():
 # --------------------------------------------------------------------------------------
 # equal label budgets, label reuse, expected labels (issue 11)
 # --------------------------------------------------------------------------------------
-from sail_min.bandit import batch_loss, draw_labels, route_counts  # noqa: E402
-from sail_min.bandit_comparison import (  # noqa: E402
+from sail_min.lab.bandit import batch_loss, draw_labels, route_counts  # noqa: E402
+from sail_min.lab.bandit_comparison import (  # noqa: E402
     BANDIT_METHODS, NAME_WIDTH, BanditMethod, BanditSetup, format_table, plan_budget, run_bandit_comparison,
 )
 from sail_min.objective import sail_loss  # noqa: E402
@@ -208,7 +208,7 @@ def test_label_reuse_draws_and_labels_a_round_every_reuse_steps(reuse):
 
 def test_reused_round_is_read_in_shuffled_passes(monkeypatch):
     """Within a round every step reads the same pool: with a pool of one batch, the same pairs."""
-    import sail_min.bandit as bandit_module
+    import sail_min.lab.bandit as bandit_module
     seen = []
     original = bandit_module.batch_loss
 
@@ -467,10 +467,10 @@ def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
 
 
 def test_fixed_points_controls_at_pi_star_and_each_extra_term_away_from_it():
-    """bandit_fixed_points: every control's exact field vanishes at pi* (a DPO term with oracle labels is
+    """fixed_points: every control's exact field vanishes at pi* (a DPO term with oracle labels is
     stationary there on any pair distribution); each preset's extra term has a stable fixed point (|G| at
     round-off, every decay rate > 0) away from pi*, and the bias grows with the coefficient."""
-    from sail_min.bandit_fixed_points import PRESETS, field, fixed_point, sweep
+    from sail_min.lab.fixed_points import PRESETS, field, fixed_point, sweep
 
     bandit = make_bandit(n_prompts=3, n_responses=4, beta=0.5, seed=2)
     for name, config in PRESETS.items():

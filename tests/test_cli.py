@@ -161,7 +161,7 @@ def test_vader_judge(in_process, tmp_path, capsys):
     code = main(["train", "--model", "data/tiny/policy", "--data", "data/tiny/preferences.jsonl", "--judge", "vader",
                  "--preset", "online-dpo", "--steps", "1", "--out", str(tmp_path), *SMALL])
     assert code == 0
-    assert "judge: VADER" in capsys.readouterr().out
+    assert "judge: vader, Ground-truth reward: VADER" in capsys.readouterr().out
     assert -1 <= metrics(tmp_path)[-1]["eval/judge_reward"] <= 1
 
 
@@ -392,3 +392,22 @@ def test_a_20000_word_response_trains_cut_to_max_completion_tokens(in_process, t
     history = metrics(out)
     assert history[-1]["truncated_responses"] == 16                 # 4 steps x 4 pairs, each chosen cut once
     assert all(math.isfinite(row["loss"]) for row in history)
+
+
+def test_train_help_reads_its_defaults_from_sailconfig():
+    """--help states SAILConfig()'s defaults (steps, seed, output folder, the preset that is the defaults), so a
+    changed default cannot leave a stale help line."""
+    from sail_min.__main__ import DEFAULT_PRESET
+    from sail_min.config import PRESETS, SAILConfig
+
+    defaults = SAILConfig()
+    assert SAILConfig.preset(DEFAULT_PRESET) == defaults and PRESETS[DEFAULT_PRESET] == {}
+    result = subprocess.run([sys.executable, "-m", "sail_min", "train", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120, env={**os.environ, "COLUMNS": "1000"})     # no wrapping at hyphens
+    help_text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    assert f"SAILConfig's: {defaults.steps})" in help_text and f"SAILConfig's: {defaults.seed})" in help_text
+    assert f"SAILConfig's: {defaults.output_dir})" in help_text and f"SAILConfig's: {DEFAULT_PRESET})" in help_text
+    assert "preset is sail-pr" not in help_text
+    for field, choices in SAILConfig.choices().items():
+        assert f"{field} {'|'.join(choices)}" in help_text

@@ -1,7 +1,7 @@
 """The generic comparison's arithmetic: reward at matched KL, the table, the frontier plot."""
 import pytest
 
-from sail_min.compare import format_table, matched_kl, plot_frontier, reward_at_kl
+from sail_min.lab.compare import format_table, matched_kl, plot_frontier, reward_at_kl
 
 
 def run(curve, reference=0.0, seconds=1.0):
@@ -36,7 +36,7 @@ def test_frontier_plot_has_one_line_per_method(tmp_path):
 
 
 def test_comparison_plot_puts_each_sail_variant_beside_its_control_with_a_legend_everywhere(tmp_path):
-    from sail_min.compare import comparison_panels, plot_comparison
+    from sail_min.lab.compare import comparison_panels, plot_comparison
 
     names = ["offline-dpo (lr=0.001)", "online-dpo", "sail-pr", "sail-pr-control", "sail-pr-public-hook",
              "sail-pp (lr=0.0005)", "sail-pp-control (lr=0.001)"]

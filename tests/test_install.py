@@ -55,7 +55,7 @@ def test_project_metadata():
     assert project["name"] == "sail-min" and project["requires-python"] == ">=3.10"
     packages = PYPROJECT["tool"]["setuptools"]["packages"]
     on_disk = sorted(str(p.parent.relative_to(ROOT)).replace(os.sep, ".") for p in (ROOT / "sail_min").rglob("__init__.py"))
-    assert sorted(packages) == on_disk == ["sail_min", "sail_min.tasks"]
+    assert sorted(packages) == on_disk == ["sail_min", "sail_min.lab"]
 
 
 def test_offline_install_ships_every_module_and_imports(tmp_path):

@@ -131,7 +131,7 @@ def test_implicit_reward_labels():
     policy_first, ref_first = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -5.0])
     policy_second = torch.tensor([-9.0, -4.0], requires_grad=True)
     ref_second = torch.tensor([-9.5, -6.0])
-    labels = implicit_reward_labels(policy_first, ref_first, policy_second, ref_second, beta=0.1, rule="argmax")
+    labels = implicit_reward_labels(policy_first, policy_second, ref_first, ref_second, beta=0.1, rule="argmax")
     torch.testing.assert_close(labels.first_scores, 0.1 * (policy_first - ref_first))  # beta (l - l_ref)
     torch.testing.assert_close(labels.second_scores, 0.1 * (policy_second - ref_second).detach())
     assert labels.first_is_chosen.tolist() == [True, False]                          # 0.2 > 0.05; 0 < 0.2

@@ -16,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from sail_min.config import SAILConfig
 from sail_min.logprobs import sequence_logprobs
 from sail_min.objective import loo_baseline, response_term
-from sail_min.tasks.sentiment import load_base_model, load_sentiment_task
+from sail_min.lab.sentiment import load_base_model, load_sentiment_task
 from sail_min.train import Task, train
 
 F64 = torch.float64

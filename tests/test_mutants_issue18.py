@@ -27,7 +27,7 @@ import sail_min.train as train_module
 from sail_min.checkpoint import load_checkpoint
 from sail_min.config import ROUTES, SAILConfig
 from sail_min.labels import PairLabels, RewardModelScorer, reward_scores
-from sail_min.tasks.sentiment import load_base_model, load_sentiment_task
+from sail_min.lab.sentiment import load_base_model, load_sentiment_task
 from sail_min.train import PairLogps, StepPairs, Task, label_pairs, pair_loss, train
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"

@@ -15,7 +15,7 @@ import psutil                      # an accelerate dependency
 import pytest
 import torch
 
-from sail_min.tasks.sentiment import load_base_model
+from sail_min.lab.sentiment import load_base_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300          # as test_sharded.run; a run took 20-80 s on 2 shared, loaded cores; a hang never ends

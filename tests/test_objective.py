@@ -148,11 +148,15 @@ def test_objective_imports_nothing_but_torch_and_the_standard_library():
     assert all(name in sys.stdlib_module_names or name == "torch" for name in imported - {"__future__"})
 
 
-def test_public_hook_scale_default_is_one_hook_per_pair_of_the_step():
-    pw, pl, rw, rl = random_logps(8)
+def test_public_hook_scale_default_is_the_configs():
+    from sail_min.config import PRESETS, SAILConfig
+
+    assert SAILConfig().public_hook_scale == 8.0                   # the public code's batch 4 x accumulation 2
+    assert sorted(PRESETS) == ["iterative-dpo", "offline-dpo", "online-dpo", "sail-dp", "sail-pp", "sail-pr"]
+    pw, pl, rw, rl = random_logps(5)                               # not 8 pairs: the default is no pair count
     default = sail_loss(pw, pl, rw, rl, 0.1, response_coef=0.3, response_mode="public")
     scaled = sail_loss(pw, pl, rw, rl, 0.1, response_coef=0.3, response_mode="public", public_hook_scale=8)
-    assert torch.allclose(default.loss, scaled.loss)
+    assert torch.equal(default.loss, scaled.loss)
     assert torch.allclose(default.parts["response"], 8 * (0.3 * default.response).mean())
     with pytest.raises(ValueError, match="public_hook_scale"):
         sail_loss(pw, pl, rw, rl, 0.1, response_mode="public", public_hook_scale=0)

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from sail_min.tasks import (
+from sail_min.lab.sentiment import (
     BT_TEMPERATURE,
     VaderJudge,
     bradley_terry_choose_first,
@@ -156,10 +156,10 @@ def test_base_model_ends_with_eos_and_writes_varied_text(base, base_samples):
 
 
 def test_importing_the_tasks_does_not_import_vader():
-    """vaderSentiment is loaded when a judge is built, not when sail_min.tasks is imported."""
+    """vaderSentiment is loaded when a judge is built, not when sail_min.lab.sentiment is imported."""
     import subprocess
     import sys
-    code = ("import sys, sail_min.tasks, sail_min.tasks.sentiment; "
+    code = ("import sys, sail_min.lab.sentiment, sail_min.lab.sentiment; "
             "assert not any(m.startswith('vaderSentiment') for m in sys.modules), 'vader imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

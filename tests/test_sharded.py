@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sail_min.checkpoint import load_checkpoint
-from sail_min.tasks.sentiment import load_base_model
+from sail_min.lab.sentiment import load_base_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["steps=3", "eval_prompts=4", "eval_every=3"]

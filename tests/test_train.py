@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from sail_min.config import SAILConfig
-from sail_min.tasks.sentiment import load_base_model, load_sentiment_task
+from sail_min.lab.sentiment import load_base_model, load_sentiment_task
 from sail_min.checkpoint import load_checkpoint
 from sail_min.sampling import truncate_prompts_left
-from sail_min.diagnostics import replay_skipped_step
+from sail_min.train import replay_skipped_step
 from sail_min.train import Task, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

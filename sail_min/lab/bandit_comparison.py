@@ -21,7 +21,7 @@ splits B in proportion to its route probabilities; self-labelled pairs cost no l
 (``objective.baseline_groups``), the public-code term weighs ``public_hook_scale``, and a reused pair's
 response term is importance-weighted by pi_theta / pi_old of the pair (``objective.importance_weights``,
 clipped at ``IMPORTANCE_CLIP``; each run counts its clipped weights). Where each variant's exact expected
-update leads, without samples, is ``bandit_fixed_points``.
+update leads, without samples, is ``fixed_points``.
 
 **Scores.** The headline metric is KL(pi || pi*) (lower is better): pi* maximises
 E[r*] - beta KL(pi || pi_ref), and KL(pi || pi*) = (V(pi*) - V(pi)) / beta for that value V, so it
@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bandit import expected_reward, kl, make_bandit, route_counts, train_sampled
-from .config import SAILConfig
+from ..config import SAILConfig
 
 FULL_BUDGETS = (16, 64, 256, 1024, 4096)
 """Budgets of the committed sweep (oracle labels per prompt)."""

@@ -233,7 +233,7 @@ def load_base_model(path: str | Path | None = None):
 
 
 # --------------------------------------------------------------------------------------
-# the task as the training loop sees it (the experiments on it: sail_min/experiments.py)
+# the task as the training loop sees it (the experiments on it: sail_min/lab/experiments.py)
 # --------------------------------------------------------------------------------------
 REWARD_LABEL = "judge reward (VADER compound, -1..1)"
 def sentiment_task(root: str | Path | None = None):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .bandit import Bandit, exact_surrogate_loss, expected_reward, kl, make_bandit
-from .config import ROUTES, SAILConfig
+from ..config import ROUTES, SAILConfig
 
 
 def field(theta: torch.Tensor, bandit: Bandit, config: SAILConfig) -> torch.Tensor:

@@ -15,7 +15,7 @@ can only estimate can be computed exactly by enumerating all K x K pairs and bot
   * the exact expectation of the surrogate gradient of ``objective.sail_loss``.
 
 ``train_sampled`` runs the finite-sample algorithms (batches of sampled pairs, Adam) for several
-seeds at once; ``sail_min.check`` compares the exact quantities.
+seeds at once; ``sail_min.lab.check`` compares the exact quantities.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
-from .objective import IMPORTANCE_CLIP, baseline_groups, importance_weights, sail_loss
+from ..config import SAILConfig
+from ..objective import IMPORTANCE_CLIP, sail_loss
+from ..routes import LABELS_FROM, RESPONSES_FROM, ROUTES, route_loss
 
 @dataclass
 class Bandit:
@@ -239,20 +240,10 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     log_pi = torch.log_softmax(theta, -1)
     log_ref = bandit.log_ref.expand_as(log_pi)
-    response_coef, label_coef = config.coefficients(route.flatten(), theta.dtype)
-    policy_chosen, policy_rejected = log_pi[s_idx, x_idx, chosen].flatten(), log_pi[s_idx, x_idx, rejected].flatten()
-    args = (policy_chosen, policy_rejected,
-            log_ref[s_idx, x_idx, chosen].flatten(), log_ref[s_idx, x_idx, rejected].flatten(), bandit.beta)
-    importance = None if old_logps is None else importance_weights(policy_chosen + policy_rejected, old_logps.flatten())
-    kwargs = dict(response_coef=response_coef, label_coef=label_coef, response_mode=config.response_mode,
-                  baseline=config.baseline if baseline is None else baseline,
-                  groups=baseline_groups(route.flatten(), s_idx.expand(S, M, N).flatten()),
-                  public_hook_scale=config.public_hook_scale, response_importance=importance,
-                  weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype))
-    if config.self_labels == "sampled":
-        return sail_loss(*args, **kwargs)
-    self_labelled = torch.tensor([LABELS_FROM[r] == "policy" for r in ROUTES])[route.flatten()]
-    return sail_loss(*args, **kwargs, expected_labels=self_labelled)   # objective.expected_label_terms
+    return route_loss(log_pi[s_idx, x_idx, chosen], log_pi[s_idx, x_idx, rejected], log_ref[s_idx, x_idx, chosen],
+                      log_ref[s_idx, x_idx, rejected], route, config, old_logps=old_logps,
+                      runs=s_idx.expand(S, M, N), weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype),
+                      baseline=baseline, beta=bandit.beta)
 
 
 @torch.no_grad()

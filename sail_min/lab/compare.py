@@ -3,7 +3,7 @@
 A method is a preset name, or ``(label, preset, overrides)``; ``overrides`` (SAILConfig fields)
 apply to every method, and the seed is the run's index. Nothing here knows a particular task:
 a task's own rules (the toy task's equal judge budget, its axis label) come in through
-``task_for`` and ``reward_label`` (see ``sail_min.experiments.main_job``). Judge labels counted
+``task_for`` and ``reward_label`` (see ``sail_min.lab.experiments.main_job``). Judge labels counted
 are the calls the loop made (2 per judge-labelled pair); dataset labels are not judge calls.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import SAILConfig
-from .train import Task, train
+from ..config import SAILConfig
+from ..train import Task, train
 
 
 def mean_std(values) -> tuple[float, float]:

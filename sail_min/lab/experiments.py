@@ -1,6 +1,6 @@
 """The experiments on the toy sentiment task: the main job (every method beside its control, equal judge
 budgets), the --full sweeps (learning rates, betas, judge budgets). ``python -m sail_min`` runs them;
-the task itself (model, data, judge, its budget rule) is ``sail_min.tasks.sentiment``.
+the task itself (model, data, judge, its budget rule) is ``sail_min.lab.sentiment``.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .compare import run_comparison
-from .config import SAILConfig
-from .tasks.sentiment import load_base_model, sentiment_task, task_for_method
+from ..config import SAILConfig
+from .sentiment import load_base_model, sentiment_task, task_for_method
 
 METHODS = [
     "offline-dpo", "online-dpo", "iterative-dpo",
@@ -34,7 +34,7 @@ def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool 
     equal judge budgets.
 
     Judge queries in the table count the dataset's construction (2 per dataset pair read) plus the
-    loop's judge labels. Returns the results dict of ``sail_min.compare.run_comparison``."""
+    loop's judge labels. Returns the results dict of ``sail_min.lab.compare.run_comparison``."""
     torch.set_num_threads(1)            # a 0.35 M-parameter model: one thread is fastest
     results = run_comparison(methods or METHODS, seeds, out, sentiment_task(), load_base_model,
                              overrides={**(QUICK if quick else {}), **(overrides or {})}, task_for=task_for_method,

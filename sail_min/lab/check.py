@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .bandit import Bandit, batch_loss, exact_objective, exact_surrogate_loss, make_bandit, sample_pairs
-from .config import SAILConfig
+from ..config import SAILConfig
 
 TOLERANCE = 1e-8
 VARIANTS = {  # name -> (route, what it is)
