@@ -11,9 +11,10 @@ A SAIL run mixes four kinds of pair (the public code draws one kind per training
 
 ``route_*`` are the probabilities of each kind (r, p, g and 1 - r - p - g in the public code),
 ``dp_label_coef``, ``pp_coef`` and ``pr_response_coef`` the coefficients of the extra terms
-(rho, pi, gamma). A preset is nothing but a few of these fields set (``PRESETS``); every other
+(rho, kappa, gamma; the paper and the public code write SAIL-PP's kappa as pi, a name kept here for
+policies only). A preset is nothing but a few of these fields set (``PRESETS``); every other
 field keeps its default. Presets follow the public code's defaults (configs/tasks.yaml): SAIL-DP
-r=0.4 rho=0.2, SAIL-PP p=0.3 pi=0.2, SAIL-PR g=0.3 gamma=0.3. The other defaults fit the tiny
+r=0.4 rho=0.2, SAIL-PP p=0.3 kappa=0.2 (its `pi`), SAIL-PR g=0.3 gamma=0.3. The other defaults fit the tiny
 toy task (a 0.35 M-parameter model trained from its own base weights with AdamW); a real model
 overrides lr, max_new_tokens, max_prompt_tokens, precision and the generation settings
 (notebook 06, or ``python -m sail_min train --set FIELD=VALUE``).
@@ -76,7 +77,7 @@ class SAILConfig:
     dp_label_coef: float = 0.0
     """rho: label-term coefficient on dp pairs"""
     pp_coef: float = 0.0
-    """pi: label- and response-term coefficient on pp pairs"""
+    """kappa: label- and response-term coefficient on pp pairs (the paper's pi)"""
     pr_response_coef: float = 0.0
     """gamma: response-term coefficient on pr pairs (0 = online DPO)"""
     response_mode: ResponseMode = "exact"

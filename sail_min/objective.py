@@ -2,7 +2,7 @@ r"""The SAIL objective: DPO on policy-dependent data, and the extra gradient ter
 
 Notation (used in every docstring of this package)
 --------------------------------------------------
-x        a prompt, drawn from the prompt distribution rho
+x        a prompt, drawn from the prompt distribution D
 y        a response
 l(y|x)   sequence log-prob, SUMMED over response tokens: sum_t log pi(y_t | x, y_<t)
 l_ref    the same under the frozen reference policy pi_ref

@@ -36,7 +36,7 @@ def route_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_c
                check_finite: bool = True) -> SAILLoss:
     r"""``objective.sail_loss`` of labelled pairs, each with its route (an index into ``ROUTES``).
 
-    - coefficients per pair: gamma on pr, pi on pp (response and label term), rho on dp (label term);
+    - coefficients per pair: gamma on pr, kappa on pp (response and label term), rho on dp (label term);
     - baseline: leave-one-out mean of the pair loss over the other pairs of the same route (and the same run:
       ``runs`` numbers independent runs stacked in one batch, as the bandit's seeds); ``baseline`` overrides
       ``config.baseline``;
