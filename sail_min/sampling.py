@@ -46,7 +46,10 @@ the dynamic cache from then on (`static_cache_failed(model)` says whether it did
 Shapes. Every new (rows, prompt length) compiles again, so the static path pads: to exactly
 `batch_rows` rows (the last row repeated, the copies dropped afterwards) and `prompt_length`
 prompt tokens (left padding) when given, else to the next power of two rows and the next multiple
-of 64 tokens. With a seed the samples then depend on that padding; greedy ones do not. Prompt
+of 64 tokens. With `prompt_length` (fixed shapes: the loop's training sampler pads to 2 x pairs_per_step
+rows, its evaluation sampler to eval_prompts rows, both to max_prompt_tokens) the graphs are compiled with
+`dynamic=False`: one static graph per call site, where transformers' default (`dynamic=None`) would let
+dynamo recompile the second shape as a graph with a symbolic batch size. With a seed the samples then depend on that padding; greedy ones do not. Prompt
 columns that are padding in every returned row are dropped afterwards, so the log-prob passes
 never pay for the generation's padding.
 
@@ -62,7 +65,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -315,15 +318,21 @@ def generation_config(tokenizer, eos_ids: list[int], max_new_tokens: int, temper
         sampling["min_p"] = 0.0                     # the model's config sets min_p: neutralise it
     on_cpu = model is not None and next(model.parameters()).device.type == "cpu"   # transformers compiles on GPUs only
     compiled = dict(disable_compile=True) if not COMPILE_MODES[compile] else \
-        {} if on_cpu and compile != "eager-backend" else dict(compile_config=_compile_config(compile))
+        {} if on_cpu and compile != "eager-backend" else \
+        dict(compile_config=_compile_config(compile, static_shapes=max_cache_len is not None))
     return GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                             pad_token_id=tokenizer.pad_token_id, use_cache=True,
                             cache_implementation=cache_implementation,
                             **(dict(compiled, max_cache_len=max_cache_len) if cache_implementation == "static" else {}))
 
 
-def _compile_config(compile: str) -> CompileConfig:
-    config = CompileConfig(**COMPILE_MODES[compile])
+def _compile_config(compile: str, static_shapes: bool = False) -> CompileConfig:
+    """transformers' CompileConfig for `compile`. ``static_shapes`` (fixed shapes: the caller pads every call to
+    one shape per call site): ``dynamic=False``, one static graph per shape. Left at transformers' ``None``,
+    dynamo's automatic-dynamic rule recompiles the second shape it meets (evaluation's rows after training's)
+    as a graph with a symbolic batch size, which every later call of either shape then runs, and whose CUDA
+    graphs are recorded per size."""
+    config = CompileConfig(**COMPILE_MODES[compile], **(dict(dynamic=False) if static_shapes else {}))
     if compile == "eager-backend":        # also on a CPU: counts (re)compilations where nothing else compiles
         config._compile_all_devices = True  # transformers' own switch for that (its tests use it)
     return config
@@ -341,6 +350,39 @@ def compile_stats() -> dict:
     from torch._dynamo.utils import compilation_time_metrics, counters
     return {"graphs": int(counters["stats"]["unique_graphs"]),
             "seconds": float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))}
+
+
+@contextmanager
+def input_grad_hooks_off(model):
+    """transformers' ``enable_input_require_grads`` hooks removed inside, put back on exit.
+
+    Gradient checkpointing on a model with frozen embeddings (an adapter model) registers a forward hook on the
+    input embeddings that calls ``output.requires_grad_(True)``, so that gradients reach the checkpointed layers.
+    Under ``generate`` (no grad) it does nothing useful, and torch.compile cannot trace it (dynamo of torch 2.11,
+    measured on an H200: "Unsupported Tensor.requires_grad_() call"): every compiled shape then splits into two
+    graphs, and a run's two sampling shapes compile four."""
+    owners = [m for m in model.modules() if vars(m).get("_require_grads_hooks") or vars(m).get("_require_grads_hook")]
+    for owner in owners:
+        owner.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        for owner in owners:
+            owner.enable_input_require_grads()
+
+
+def static_cache_precision(model, device: torch.device) -> AbstractContextManager:
+    """Autocast off for the static path when its dtype is not the weights' (fp32 weights under fp16 autocast: a
+    T4's path), else nothing. The static cache takes its dtype from the prefill's keys, which the rotary
+    embedding upcasts to the weights' fp32, while the compiled decoding steps write fp16 keys into it: transformers
+    5.17 then raises "index_copy_(): self and source expected to have the same dtype" (measured on an H200 and on
+    a CPU) and the sampler fell back to the slow dynamic cache. Decoding reads every weight once per token, so
+    fp32 weights without autocast cost no more than with it (autocast adds a cast of each weight)."""
+    dtype = getattr(model, "dtype", None)
+    if (device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type) and dtype is not None
+            and torch.get_autocast_dtype(device.type) != dtype):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
 
 
 def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: int | None, synced_gpus: bool):
@@ -439,7 +481,9 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *,
     try:
         if static:
             try:
-                sequences = _generate(model, padded_ids, padded_mask, make_config("static"), seed, synced_gpus)[: len(input_ids)]
+                with input_grad_hooks_off(model), static_cache_precision(model, device):
+                    sequences = _generate(model, padded_ids, padded_mask, make_config("static"), seed,
+                                          synced_gpus)[: len(input_ids)]
             except Exception as error:          # unsupported model / device: warn once, then dynamic
                 _static_cache_failed.add(model)
                 warnings.warn(f"static-cache generation failed for {type(model).__name__} on {device} "

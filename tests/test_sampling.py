@@ -283,3 +283,134 @@ def test_encode_responses_cuts_long_responses_to_max_tokens_without_eos(tokenize
     # a response of exactly max_tokens tokens with its EOS is not cut
     exact = encode_responses(tokenizer, prompts[:1], responses[:1], max_tokens=len(long_ids) + 1)
     assert exact.contains_eos.all() and torch.equal(exact.response_ids, whole.response_ids[:1])
+
+
+def _recording_generate(monkeypatch, delegate: bool):
+    """Replace sampling._generate with one that records (input shape, generation config) of every call:
+    delegating to the real one, or (fast) returning each row's prompt followed by EOS tokens."""
+    import sail_min.sampling as sampling
+    real, calls = sampling._generate, []
+
+    def generate(model, input_ids, attention_mask, config, seed, synced_gpus):
+        calls.append({"shape": tuple(input_ids.shape), "mask": tuple(attention_mask.shape),
+                      "cache": config.cache_implementation, "max_cache_len": getattr(config, "max_cache_len", None),
+                      "compile_config": getattr(config, "compile_config", None)})
+        if delegate:
+            return real(model, input_ids, attention_mask, config, seed, synced_gpus)
+        eos = torch.full((input_ids.shape[0], 3), config.eos_token_id[0], dtype=input_ids.dtype)
+        return torch.cat([input_ids, eos], dim=1)
+
+    monkeypatch.setattr(sampling, "_generate", generate)
+    return calls
+
+
+def test_fixed_shapes_pad_every_call_to_one_shape_and_compile_one_static_graph_per_shape(policy, tokenizer,
+                                                                                          monkeypatch):
+    """Sampler(rows, prompt_length): 1, 3 or 4 prompts of any length, one generate shape [rows, prompt_length],
+    a cache of prompt_length + max_new_tokens positions and dynamic=False (no automatic-dynamic recompilation
+    when a second call site, evaluation, brings its own shape); the copies of the last row are dropped."""
+    from sail_min.sampling import Sampler
+    calls = _recording_generate(monkeypatch, delegate=False)
+    sampler = Sampler(tokenizer=tokenizer, max_new_tokens=5, temperature=1.0, text_prompts="chat", cache="static",
+                      compile="eager-backend", isolate=True, rows=8, prompt_length=48)
+    prompts = ["Hi", "Tell me about the market. " * 3, PROMPTS[1], "Say something about a blue kite."]
+    for n in (1, 3, 4, 2):
+        samples = sampler(policy, prompts[:n], k=2, seed=n)
+        assert len(samples) == 2 * n and samples.prompts == [p for p in prompts[:n] for _ in range(2)]
+        assert samples.prompt_mask[:, 0].any()                          # all-padding prompt columns dropped
+    assert [c["shape"] for c in calls] == [(8, 48)] * 4 and {c["mask"] for c in calls} == {(8, 48)}
+    assert {c["cache"] for c in calls} == {"static"} and {c["max_cache_len"] for c in calls} == {48 + 5}
+    assert all(c["compile_config"].dynamic is False for c in calls)
+    # without fixed shapes (bucketed), transformers' automatic-dynamic default is kept
+    bucketed = Sampler(tokenizer=tokenizer, max_new_tokens=5, temperature=1.0, text_prompts="chat", cache="static",
+                       compile="eager-backend", isolate=True)
+    bucketed(policy, prompts[:3], k=2, seed=0)
+    assert calls[-1]["shape"][0] == 8 and calls[-1]["shape"][1] % 64 == 0 and calls[-1]["compile_config"].dynamic is None
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_the_training_loop_samples_at_one_shape_whatever_the_number_of_online_prompts(tokenizer, monkeypatch,
+                                                                                        tmp_path):
+    """train() with the static cache (issue 25): SAIL-PR routes 0 to 4 of a step's 4 pairs online, on prompts of
+    very different lengths, yet every training sample is generated at [2 x pairs_per_step, max_prompt_tokens]
+    and every evaluation at [eval_prompts, max_prompt_tokens], so dynamo (its eager backend: the same tracing
+    and guards as on a GPU) builds 2 graphs per run at most; the reference's samples use the dynamic cache."""
+    import json
+    from sail_min.config import SAILConfig
+    from sail_min.train import Task, train
+    data = Path(__file__).resolve().parents[1] / "data" / "tiny"
+    rows = [json.loads(line) for line in (data / "preferences.jsonl").read_text().splitlines() if line.strip()]
+    prompts = [("the " * (3 * i % 40)) + row["prompt"] for i, row in enumerate(rows)]     # 7 to ~60 tokens
+    task = Task(rows, prompts, prompts[:6], judge=lambda ps, texts: [float(len(t) % 7) for t in texts])
+    calls = _recording_generate(monkeypatch, delegate=True)
+    config = SAILConfig.preset("sail-pr", steps=6, pairs_per_step=4, eval_every=3, eval_prompts=6, max_new_tokens=6,
+                               max_prompt_tokens=72, generation_cache="static", generation_compile="eager-backend",
+                               checkpoint_every=0, output_dir=str(tmp_path))
+    torch.compiler.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ignoring extra kwargs.*")   # the eager backend has no modes
+            history = train(config, AutoModelForCausalLM.from_pretrained(POLICY_DIR), tokenizer, task, progress=False)
+    finally:
+        torch.compiler.reset()
+    online = [h["pairs/pr"] for h in history]
+    assert len(set(online)) > 1, f"the routing should vary the online prompts per step: {online}"
+    static = [c for c in calls if c["cache"] == "static"]
+    assert {c["shape"] for c in static} == {(2 * 4, 72), (6, 72)}
+    assert sum(c["shape"] == (8, 72) for c in static) == sum(n > 0 for n in online)    # one call per online step
+    assert {c["max_cache_len"] for c in static} == {72 + 6} and all(c["compile_config"].dynamic is False for c in static)
+    assert [c["cache"] for c in calls if c["cache"] != "static"] == [None]              # pi_ref's samples, once
+    assert 1 <= history[-1]["compile/graphs"] <= 2
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")   # inside peft
+def test_static_generation_runs_without_the_input_grad_hook_of_gradient_checkpointing(tokenizer, monkeypatch):
+    """Gradient checkpointing on a LoRA policy hooks the input embeddings (output.requires_grad_(True)); torch 2.11's
+    dynamo cannot trace that call, so each compiled shape became two graphs on an H200 (4 per run instead of 2).
+    The static path generates without the hook and puts it back: training still gets it."""
+    peft = pytest.importorskip("peft")
+    import sail_min.sampling as sampling
+    from sail_min.engine import enable_gradient_checkpointing
+    torch.manual_seed(0)
+    policy = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(POLICY_DIR),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    enable_gradient_checkpointing(policy)
+    embeddings = policy.get_input_embeddings()
+    hooked = lambda: sorted(getattr(h, "__name__", "") for h in embeddings._forward_hooks.values())  # noqa: E731
+    assert "make_inputs_require_grads" in hooked()
+    seen, real = [], sampling._generate
+
+    def generate(*args, **kwargs):
+        seen.append((args[3].cache_implementation, hooked()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_generate", generate)
+    for cache in ("static", "dynamic"):
+        sample_responses(policy, tokenizer, ["Hi", "Tell me about the market."], k=2, max_new_tokens=4, seed=0,
+                         cache=cache, compile="off", batch_rows=4, prompt_length=32)
+    assert seen[0] == ("static", []) and "make_inputs_require_grads" in seen[1][1]
+    assert hooked().count("make_inputs_require_grads") == 1                       # back, once
+    inputs = policy.get_input_embeddings()(torch.tensor([[5, 6, 7]]))
+    assert inputs.requires_grad                                                    # the hook works again
+
+
+def test_static_path_generates_without_autocast_when_autocast_is_not_the_weights_dtype(policy, tokenizer, monkeypatch):
+    """fp32 weights under fp16 autocast (a T4's path): with transformers 5.17 the static cache got fp32 keys from the
+    prefill and fp16 ones from the decoding steps (index_copy_ dtype error, then the slow dynamic fallback), so the
+    static path turns autocast off there; with autocast in the weights' dtype, and on the dynamic path, it stays."""
+    import sail_min.sampling as sampling
+    seen, real = [], sampling._generate
+
+    def generate(*args, **kwargs):
+        seen.append((args[3].cache_implementation, torch.is_autocast_enabled("cpu")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_generate", generate)
+    bf16_policy = copy.deepcopy(policy).to(torch.bfloat16)
+    for model, dtype, cache in ((policy, torch.float16, "static"), (policy, torch.float16, "dynamic"),
+                                (bf16_policy, torch.bfloat16, "static")):
+        with torch.autocast("cpu", dtype=dtype):
+            sample_responses(model, tokenizer, ["Hi"], k=2, max_new_tokens=3, seed=0, cache=cache, compile="off",
+                             batch_rows=2, prompt_length=32)
+    assert seen == [("static", False), (None, True), ("static", True)]
+    assert not torch.is_autocast_enabled("cpu")
