@@ -198,7 +198,9 @@ class RewardModelScorer:
     """Callable (prompts, responses) -> scores [N] for a sequence-classification reward model.
 
     Responses are text (decode the policy's ids first), re-tokenised with the reward model's own
-    tokenizer, right-padded, in batches of `batch_size`. The model is put in eval mode. A text
+    tokenizer, right-padded, in batches of at most `batch_size` texts of similar length
+    (`length_batches`: a few answers of thousands of tokens, as in UltraFeedback, do not pad a whole
+    batch to their length); scores come back in the order given. The model is put in eval mode. A text
     longer than `max_length` tokens (default: the reward model's positions) loses tokens from its
     START, so the response, the part being judged, stays whole; `truncated` counts such texts.
     """
@@ -232,15 +234,18 @@ class RewardModelScorer:
         if len(prompts) != len(responses):
             raise ValueError(f"prompts and responses differ in length: {len(prompts)} vs {len(responses)}")
         texts = [self.render(p, r) for p, r in zip(prompts, responses)]
+        if not texts:
+            return torch.empty(0)
         # A chat template writes its own special tokens (BOS, ...); plain text gets the defaults.
         add_special_tokens = self.tokenizer.chat_template is None
         device = next(self.model.parameters()).device
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
-            if self.max_length is not None:
-                lengths = [len(ids) for ids in self.tokenizer(chunk, add_special_tokens=add_special_tokens).input_ids]
-                self.truncated += sum(length > self.max_length for length in lengths)
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens).input_ids]
+        if self.max_length is not None:
+            self.truncated += sum(length > self.max_length for length in lengths)
+            lengths = [min(length, self.max_length) for length in lengths]
+        scores = torch.empty(len(texts))
+        for rows in length_batches(lengths, self.batch_size):
+            chunk = [texts[i] for i in rows]
             side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
             try:                    # the attribute, not a call argument: transformers 5 ignores truncation_side=
                 batch = self.tokenizer(chunk, padding=True, padding_side="right", return_tensors="pt",
@@ -248,8 +253,22 @@ class RewardModelScorer:
                                        add_special_tokens=add_special_tokens).to(device)
             finally:
                 self.tokenizer.truncation_side = side
-            scores.append(reward_scores(self.model, batch.input_ids, batch.attention_mask).float().cpu())
-        return torch.cat(scores)
+            scores[rows] = reward_scores(self.model, batch.input_ids, batch.attention_mask).float().cpu()
+        return scores
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of texts of these token lengths, in batches to score: shortest first, at most `batch_size`
+    texts per batch, and a batch ends before a text more than twice as long as its first. At least half
+    of every padded batch is real tokens, and no batch is larger than `batch_size` rows of the longest
+    text (the most that batches in the given order could cost). Equal lengths keep their order."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batches and len(batches[-1]) < batch_size and lengths[i] <= 2 * max(lengths[batches[-1][0]], 1):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 # (c) implicit reward ----------------------------------------------------------------------

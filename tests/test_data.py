@@ -57,6 +57,31 @@ def test_parquet(tmp_path):
     assert load_preference_data(path)[0] == {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}
 
 
+def test_ultrafeedback_binarized_schema_parquet(tmp_path):
+    """trl-lib/ultrafeedback_binarized's layout: no 'prompt' column, messages stored as Arrow structs with the
+    keys in the order (content, role), float score columns. The prompt is the shared user turn; the scores
+    are not part of a pair."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("content", pa.string()), ("role", pa.string())])
+    schema = pa.schema([("chosen", pa.list_(message)), ("rejected", pa.list_(message)),
+                        ("score_chosen", pa.float64()), ("score_rejected", pa.float64())])
+    turn = {"content": "Hi?", "role": "user"}
+    rows = [{"chosen": [turn, {"content": "Hello!", "role": "assistant"}],
+             "rejected": [turn, {"content": "Go away.", "role": "assistant"}], "score_chosen": 8.5,
+             "score_rejected": 3.0},
+            {"chosen": [turn, {"content": "Hey.", "role": "assistant"}],              # a prompt seen before
+             "rejected": [turn, {"content": "No.", "role": "assistant"}], "score_chosen": 6.0, "score_rejected": 6.0}]
+    path = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    data = load_preference_data(path)
+    assert data.column_names == ["prompt", "chosen", "rejected"]
+    assert data[0] == {"prompt": user("Hi?"), "chosen": assistant("Hello!"), "rejected": assistant("Go away.")}
+    assert list(data[0]["prompt"][0]) == ["role", "content"]
+    assert load_prompt_data(path)["prompt"] == [user("Hi?"), user("Hi?")]
+
+
 def test_prompt_only_and_fixtures():
     prompts = load_prompt_data(TINY / "prompts.jsonl")
     assert prompts.column_names == ["prompt"] and prompts[0]["prompt"][0]["role"] == "user"

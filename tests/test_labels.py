@@ -14,6 +14,7 @@ from sail_min.labels import (
     choose,
     dataset_labels,
     implicit_reward_labels,
+    length_batches,
     reward_model_labels,
     reward_scores,
 )
@@ -92,6 +93,35 @@ def test_padded_batch_scores_equal_each_text_alone(reward_model, reward_tokenize
     alone = torch.cat([scorer([p], [r]) for p, r in zip(PROMPTS, RESPONSES)])
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     assert reward_tokenizer.padding_side == "left"                            # not mutated
+
+
+def test_length_batches_group_similar_lengths_in_batches_of_at_most_batch_size():
+    lengths = [40, 3000, 12, 45, 41, 2900, 13, 80, 40]
+    batches = length_batches(lengths, batch_size=2)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))   # every text once
+    assert batches == [[2, 6], [0, 8], [4, 3], [7], [5, 1]]          # shortest first; ties in their order
+    for batch in batches:
+        assert len(batch) <= 2 and max(lengths[i] for i in batch) <= 2 * min(lengths[i] for i in batch)
+    assert length_batches(lengths, batch_size=32) == [[2, 6], [0, 8, 4, 3, 7], [5, 1]]   # 80 <= 2 x 40
+    assert length_batches([], 8) == [] and length_batches([0, 0, 1], 8) == [[0, 1, 2]]
+
+
+def test_long_and_short_texts_score_in_the_given_order(reward_model, reward_tokenizer):
+    """Texts are batched by length, not in the given order: each score still belongs to its text, equal to the
+    text scored alone, and a batch is padded to a similar length (a long answer does not pad the others)."""
+    long_answer = " ".join([RESPONSES[2]] * 30)
+    prompts, responses = PROMPTS + PROMPTS, RESPONSES + [long_answer, RESPONSES[0], long_answer]
+    scorer = RewardModelScorer(reward_model, reward_tokenizer, batch_size=2)
+    widths = []
+    original = reward_model.base_model.forward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reward_model.base_model, "forward",
+                      lambda input_ids, **kwargs: widths.append(input_ids.shape[1]) or original(input_ids, **kwargs))
+        batched = scorer(prompts, responses)
+    alone = torch.cat([scorer([p], [r]) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    assert len(widths) == 3 and sorted(widths)[:2] == widths[:2] and widths[-1] > 5 * widths[0]
+    assert scorer([], []).shape == (0,)
 
 
 def test_scores_read_the_last_real_token_even_when_it_is_eos(reward_model, reward_tokenizer):
