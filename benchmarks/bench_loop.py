@@ -135,7 +135,7 @@ def attention_check(size: dict, device: torch.device) -> list[dict]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         choices = {"cudnn forced": lambda: sdpa_kernel([SDPBackend.CUDNN_ATTENTION]),
                    "default": contextlib.nullcontext,
-                   "default, guard on": lambda: attention_kernels(SAILConfig(cudnn_attention=False))}
+                   "default, guard on": lambda: attention_kernels(False)}
         for length in CHECK_LENGTHS:
             for case in ("left padding", "logits ~ -100"):
                 g = torch.Generator(device).manual_seed(length)
@@ -170,9 +170,9 @@ def attention_check(size: dict, device: torch.device) -> list[dict]:
         for allowed in (True, False):
             config = SAILConfig(mixed_precision="bf16" if device.type == "cuda" else "no", cudnn_attention=allowed)
             policy.zero_grad(set_to_none=True)
-            with autocast(config, device), attention_kernels(config):
+            with autocast(config.mixed_precision, device), attention_kernels(config.cudnn_attention):
                 logps = sequence_logprobs(policy, *batch)
-            with attention_kernels(config):
+            with attention_kernels(config.cudnn_attention):
                 logps.sum().backward()
             bad = sum(int((~torch.isfinite(p.grad)).sum()) for p in policy.parameters() if p.grad is not None)
             results.append({"check": "policy", "length": length, "case": f"{rows} left-padded rows",

@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,11 +38,14 @@ class UserError(Exception):
 # --------------------------------------------------------------------------------------
 def parse_set(items, fields: dict) -> dict:
     """--set FIELD=VALUE items as SAILConfig fields of the right type (a clear message otherwise)."""
-    from .config import SAILConfig
+    from .config import RENAMED_FIELDS, SAILConfig
 
     overrides = {}
     for item in items or []:
         key, _, value = item.partition("=")
+        if key in RENAMED_FIELDS:                     # a deprecated name: still read, with a note
+            warnings.warn(f"--set {key}: the field is now {RENAMED_FIELDS[key]}", FutureWarning, stacklevel=2)
+            key = RENAMED_FIELDS[key]
         if key not in fields or not value:
             raise UserError(f"--set {item!r}: expected FIELD=VALUE with a SAILConfig field "
                             f"({', '.join(sorted(fields))})")
@@ -329,7 +333,6 @@ def run_train(args, toy_run=None, named_judges: dict | None = None) -> int:
     ``named_judges`` {name: factory} the judges known by name; the command line passes the lab's toy task
     (``sail_min.lab.sentiment``) for both, so this module needs nothing from the lab."""
     """The `train` command: build config, accelerator, policy, task; train; print the last evaluation."""
-    import warnings
 
     from .checkpoint import CheckpointError
 

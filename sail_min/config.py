@@ -47,13 +47,16 @@ PRESETS = {
 }
 """Named presets: the fields they set; everything else is SAILConfig's default."""
 
+RENAMED_FIELDS = {"text_prompts": "prompt_format"}
+"""{deprecated field name: its name now}: ``from_dict`` (``--config``, ``--set``) reads the old name with a warning."""
+
 # The choices of every multiple-choice field, defined once: validation and the CLI's help read them
 # (``choices``). The objective's own two are objective.RESPONSE_MODES and objective.BASELINES.
 ResponseMode = Literal[RESPONSE_MODES]
 Baseline = Literal[BASELINES]
 SelfLabels = Literal["sampled", "expected"]
 Optimizer = Literal["adamw", "rmsprop"]
-TextPrompts = Literal["chat", "text"]
+PromptFormat = Literal["chat", "text"]
 GenerationCache = Literal["dynamic", "static"]
 GenerationShapes = Literal["fixed", "bucketed"]
 GenerationCompile = Literal["cudagraphs", "no-cudagraphs", "eager-backend", "off"]
@@ -121,7 +124,7 @@ class SAILConfig:
     here have no EOS (logged as contains_eos)"""
     temperature: float = 1.0
     """sampling temperature for online pairs (1 = sample pi_theta itself)"""
-    text_prompts: TextPrompts = "chat"
+    prompt_format: PromptFormat = "chat"
     """how a plain-text prompt meets the policy's chat template: "chat" wraps it as one user message,
     "text" leaves it as text (TRL's behaviour); message-list prompts always use the template"""
     max_prompt_tokens: int = 512
@@ -238,6 +241,14 @@ class SAILConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "") -> "SAILConfig":
         """A config from a dict of fields (unknown names are an error, naming them and the source)."""
+        for old, new in RENAMED_FIELDS.items():          # deprecated names (older config.json, --set) still read
+            if old in values:
+                if new in values:
+                    raise ValueError(f"{source + ': ' if source else ''}both {old!r} (the deprecated name) and "
+                                     f"{new!r} are set; keep {new!r}")
+                warnings.warn(f"{source + ': ' if source else ''}SAILConfig field {old!r} is now {new!r}", FutureWarning,
+                              stacklevel=2)
+                values = {(new if k == old else k): v for k, v in values.items()}
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{source + ': ' if source else ''}unknown SAILConfig field(s) {unknown}")

@@ -184,7 +184,7 @@ class Runtime:
         cache = config.generation_cache if cache is None else cache
         fixed = cache == "static" and config.generation_shapes == "fixed"
         return Sampler(tokenizer=tokenizer, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                       text_prompts=config.text_prompts, cache=cache, compile=config.generation_compile,
+                       prompt_format=config.prompt_format, cache=cache, compile=config.generation_compile,
                        isolate=config.cudagraph_isolation, rows=rows if fixed else None,
                        prompt_length=config.max_prompt_tokens if fixed else None,
                        synced_gpus=self.accelerator.distributed_type == DistributedType.FSDP,
@@ -196,7 +196,6 @@ class Runtime:
 # --------------------------------------------------------------------------------------
 def autocast(mixed_precision: str, device: torch.device):
     """torch.autocast for ``mixed_precision`` "bf16" or "fp16" ("no" = a disabled context: plain fp32)."""
-    mixed_precision = getattr(mixed_precision, "mixed_precision", mixed_precision)   # TRANSITIONAL: a config
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -211,7 +210,6 @@ def attention_kernels(cudnn_attention: bool):
     the backward must run inside: the kernel of the backward is chosen in the forward, except under
     gradient checkpointing, which re-runs the attention forward during backward. The flag is
     process-global (no effect on a CPU)."""
-    cudnn_attention = getattr(cudnn_attention, "cudnn_attention", cudnn_attention)   # TRANSITIONAL: a config
     before = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(bool(before and cudnn_attention))
     try:

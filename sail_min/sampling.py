@@ -153,11 +153,11 @@ class Responses:
 TEXT_PROMPTS = ("chat", "text")
 
 
-def _render(tokenizer, prompt: Prompt, text_prompts: str = "chat", index: int = 0) -> tuple[str, bool]:
+def _render(tokenizer, prompt: Prompt, prompt_format: str = "chat", index: int = 0) -> tuple[str, bool]:
     """(text the policy continues, whether the tokenizer adds its special tokens to it)."""
-    if text_prompts not in TEXT_PROMPTS:
-        raise ValueError(f"text_prompts must be one of {TEXT_PROMPTS}, got {text_prompts!r}")
-    if isinstance(prompt, str) and (tokenizer.chat_template is None or text_prompts == "text"):
+    if prompt_format not in TEXT_PROMPTS:
+        raise ValueError(f"prompt_format must be one of {TEXT_PROMPTS}, got {prompt_format!r}")
+    if isinstance(prompt, str) and (tokenizer.chat_template is None or prompt_format == "text"):
         return prompt, True                        # plain text, with the tokenizer's BOS etc.
     if tokenizer.chat_template is None:
         raise ValueError(f"prompts[{index}] is a message list, but the tokenizer has no chat template")
@@ -166,28 +166,28 @@ def _render(tokenizer, prompt: Prompt, text_prompts: str = "chat", index: int = 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
 
 
-def render_prompts(tokenizer, prompts: Sequence[Prompt], text_prompts: str = "chat") -> list[str]:
+def render_prompts(tokenizer, prompts: Sequence[Prompt], prompt_format: str = "chat") -> list[str]:
     """Prompt text the policy continues: chat template + generation prompt when there is one.
 
-    A plain-text prompt meets a chat template as one user message (``text_prompts="chat"``, the
+    A plain-text prompt meets a chat template as one user message (``prompt_format="chat"``, the
     default here) or stays as it is (``"text"``, what TRL does). Message lists always use the template."""
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or message lists")
-    return [_render(tokenizer, prompt, text_prompts, i)[0] for i, prompt in enumerate(prompts)]
+    return [_render(tokenizer, prompt, prompt_format, i)[0] for i, prompt in enumerate(prompts)]
 
 
-def _prompt_ids(tokenizer, prompt: Prompt, text_prompts: str = "chat", index: int = 0) -> list[int]:
-    text, special = _render(tokenizer, prompt, text_prompts, index)
+def _prompt_ids(tokenizer, prompt: Prompt, prompt_format: str = "chat", index: int = 0) -> list[int]:
+    text, special = _render(tokenizer, prompt, prompt_format, index)
     return tokenizer(text, add_special_tokens=special).input_ids
 
 
-def prompt_length(tokenizer, prompt: Prompt, text_prompts: str = "chat") -> int:
+def prompt_length(tokenizer, prompt: Prompt, prompt_format: str = "chat") -> int:
     """Tokens of a prompt as the policy reads it: chat template and generation prompt included."""
-    return len(_prompt_ids(tokenizer, prompt, text_prompts))
+    return len(_prompt_ids(tokenizer, prompt, prompt_format))
 
 
 def truncate_prompts_left(tokenizer, prompts: Sequence[Prompt], max_tokens: int,
-                          text_prompts: str = "chat") -> tuple[list, int]:
+                          prompt_format: str = "chat") -> tuple[list, int]:
     """Cut over-long prompts from the left; return (prompts, how many were cut).
 
     Without a chat template, plain text keeps its last ``max_tokens`` tokens. Otherwise a prompt
@@ -198,9 +198,9 @@ def truncate_prompts_left(tokenizer, prompts: Sequence[Prompt], max_tokens: int,
     """
     out, cut = [], 0
     for prompt in prompts:
-        if prompt_length(tokenizer, prompt, text_prompts) > max_tokens:
+        if prompt_length(tokenizer, prompt, prompt_format) > max_tokens:
             cut += 1
-            if isinstance(prompt, str) and (tokenizer.chat_template is None or text_prompts == "text"):
+            if isinstance(prompt, str) and (tokenizer.chat_template is None or prompt_format == "text"):
                 # plain text: keep the last tokens; BOS etc. still added
                 keep = max_tokens - len(tokenizer("", add_special_tokens=True).input_ids)
                 if keep < 1:
@@ -250,14 +250,14 @@ def check_positions(model, max_prompt_tokens: int, max_new_tokens: int) -> None:
 # generation
 # --------------------------------------------------------------------------------------
 def _tokenize_prompts(tokenizer, prompts: Sequence[Prompt], pad_to_multiple_of: int | None = None,
-                      length: int | None = None, text_prompts: str = "chat") -> dict[str, torch.Tensor]:
+                      length: int | None = None, prompt_format: str = "chat") -> dict[str, torch.Tensor]:
     """input_ids and attention_mask [B, P], left-padded (to a multiple, or to exactly `length`)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token: set tokenizer.pad_token "
                          "(e.g. tokenizer.pad_token = tokenizer.eos_token)")
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or message lists")
-    rows = [_prompt_ids(tokenizer, prompt, text_prompts, i) for i, prompt in enumerate(prompts)]
+    rows = [_prompt_ids(tokenizer, prompt, prompt_format, i) for i, prompt in enumerate(prompts)]
     width = max(len(ids) for ids in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -395,6 +395,10 @@ def _generate(model, input_ids, attention_mask, config: GenerationConfig, seed: 
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **synced)
 
 
+JOIN_PROMPT = "Hello."
+"""The throw-away prompt of a process that joins the others' sharded generation without prompts of its own."""
+
+
 @dataclass
 class Sampler:
     """``sampler(model, prompts, k, seed)``: k responses per prompt, y ~ pi(. | x), with one set of settings.
@@ -407,7 +411,7 @@ class Sampler:
     tokenizer: object
     max_new_tokens: int
     temperature: float
-    text_prompts: str
+    prompt_format: str
     cache: str                                  # "dynamic" | "static"
     compile: str                                # static cache: "cudagraphs" | "no-cudagraphs" | "eager-backend" | "off"
     isolate: bool                               # copy generate's output, start a new CUDA-graph step
@@ -416,12 +420,19 @@ class Sampler:
     synced_gpus: bool = False                   # sharded weights: every process steps until all are done
     precision: Callable[[], AbstractContextManager] = nullcontext
 
-    def __call__(self, model, prompts: Sequence[Prompt], k: int, seed: int | None) -> "Responses":
+    def __call__(self, model, prompts: Sequence[Prompt], k: int, seed: int | None) -> "Responses | None":
+        """k responses per prompt; no prompts: None. With sharded weights (``synced_gpus``) a process without
+        prompts of its own still steps through the other processes' generation (their forward passes gather
+        weights from it) with one throw-away sample; so call it on every process whenever any process samples."""
+        if not prompts:
+            if self.synced_gpus:
+                self(model, [JOIN_PROMPT], k=1, seed=seed)
+            return None
         with self.precision():
             return sample_responses(model, self.tokenizer, prompts, k=k, max_new_tokens=self.max_new_tokens,
                                     temperature=self.temperature, seed=seed, cache=self.cache,
                                     compile=self.compile, isolate=self.isolate, batch_rows=self.rows,
-                                    text_prompts=self.text_prompts, prompt_length=self.prompt_length,
+                                    prompt_format=self.prompt_format, prompt_length=self.prompt_length,
                                     synced_gpus=self.synced_gpus)
 
 
@@ -429,7 +440,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *,
                      temperature: float = 1.0, seed: int | None = None, greedy: bool = False,
                      cache: str = "dynamic", compile: str = "cudagraphs",
                      batch_rows: int | None = None, prompt_length: int | None = None,
-                     isolate: bool = True, text_prompts: str = "chat", synced_gpus: bool = False) -> Responses:
+                     isolate: bool = True, prompt_format: str = "chat", synced_gpus: bool = False) -> Responses:
     """Draw k responses per prompt, y ~ pi_theta(. | x); same seed, same samples.
 
     The model is put in eval mode (no dropout) and its training mode restored afterwards;
@@ -443,13 +454,14 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *,
         of pi_theta, which the on-policy terms of the objective need.
     cache: "dynamic" (transformers' dynamic KV cache) or "static" (preallocated,
         compiled by transformers on CUDA; see the module docstring), with `compile` one of
-        "cudagraphs", "no-cudagraphs", "off". The static path falls back to the dynamic one,
+        "cudagraphs", "no-cudagraphs", "eager-backend" (torch.compile's eager backend, on a CPU too: how the
+        tests count compilations) or "off". The static path falls back to the dynamic one,
         with a warning, if it raises.
     batch_rows, prompt_length: static cache only, the exact shape to pad to (k * len(prompts)
         rows at most; prompts of at most prompt_length tokens, a cache of prompt_length +
         max_new_tokens positions): one shape, one compilation.
     isolate: copy generate's output and mark a new CUDA-graph step (see the module docstring).
-    text_prompts: "chat" (a plain-text prompt becomes one user message of the chat template) or
+    prompt_format: "chat" (a plain-text prompt becomes one user message of the chat template) or
         "text" (it stays text, as in TRL); see `render_prompts`.
     synced_gpus: sharded weights (FSDP2): every forward pass gathers them from all processes, so every
         process must run as many as the others; a process that has finished keeps stepping until all are.
@@ -463,7 +475,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], k: int = 2, *,
     device = next(model.parameters()).device
     static = cache == "static" and model not in _static_cache_failed
     batch = _tokenize_prompts(tokenizer, prompts, None if (not static or prompt_length) else STATIC_PROMPT_BUCKET,
-                              prompt_length if static else None, text_prompts)
+                              prompt_length if static else None, prompt_format)
     batch = {key: value.to(device) for key, value in batch.items()}
     eos_ids = eos_token_ids(model, tokenizer)
     # Row i*k + j is sample j of prompt i: the same expansion `num_return_sequences=k` makes,
@@ -521,7 +533,7 @@ def _response_text(response, index: int) -> str:
     raise ValueError(f"responses[{index}] must be text or a list of one assistant message")
 
 
-def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, text_prompts: str = "chat",
+def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, prompt_format: str = "chat",
                      max_tokens: int | None = None) -> Responses:
     """Given (prompt, response) rows, e.g. a dataset's chosen answers, in the same layout as
     sampled ones (CPU tensors): the response is tokenised on its own and closed with the EOS
@@ -536,7 +548,7 @@ def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, 
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no EOS token to close the responses with")
     responses = [_response_text(response, i) for i, response in enumerate(responses)]
-    batch = _tokenize_prompts(tokenizer, prompts, text_prompts=text_prompts)
+    batch = _tokenize_prompts(tokenizer, prompts, prompt_format=prompt_format)
     eos = tokenizer.eos_token_id
     response_token_lists = [tokenizer(text, add_special_tokens=False).input_ids for text in responses]
     response_token_lists = [ids if ids[-1:] == [eos] else ids + [eos] for ids in response_token_lists]

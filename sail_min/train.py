@@ -123,22 +123,20 @@ def draw_pairs(policy, sampler: Sampler, task: Task, config: SAILConfig, step: i
     dataset_pairs, online_pairs = [i for i in mine if i in rows], [i for i in mine if i in online]
     rows, online = [rows[i] for i in dataset_pairs], [online[i] for i in online_pairs]
     dataset_prompts, cut_dataset = truncate_prompts_left(tokenizer, [r["prompt"] for r in rows], config.max_prompt_tokens,
-                                                         config.text_prompts)
-    online_prompts, cut_online = truncate_prompts_left(tokenizer, online, config.max_prompt_tokens, config.text_prompts)
+                                                         config.prompt_format)
+    online_prompts, cut_online = truncate_prompts_left(tokenizer, online, config.max_prompt_tokens, config.prompt_format)
 
     firsts, seconds, cut_responses = [], [], 0
     if rows:                                          # y1 = chosen, y2 = rejected, cut to max_completion_tokens
         for kept, key in ((firsts, "chosen"), (seconds, "rejected")):
-            kept.append(encode_responses(tokenizer, dataset_prompts, [r[key] for r in rows], config.text_prompts,
+            kept.append(encode_responses(tokenizer, dataset_prompts, [r[key] for r in rows], config.prompt_format,
                                          max_tokens=config.max_completion_tokens))
             cut_responses += int((~kept[-1].contains_eos).sum())
-    if online:                                        # y1, y2 ~ pi_theta(. | x): rows 2i and 2i + 1
+    if not all(from_dataset):                         # y1, y2 ~ pi_theta(. | x): rows 2i and 2i + 1
         samples = sampler(policy, online_prompts, k=2, seed=step_seed(config.seed, step, process, "sample"))
-        firsts.append(samples.select(slice(0, None, 2)))
-        seconds.append(samples.select(slice(1, None, 2)))
-    elif sampler.synced_gpus and not all(from_dataset):
-        # sharded weights: another process samples this step, and its passes gather weights from this one
-        sampler(policy, task.train_prompts[:1], k=1, seed=step_seed(config.seed, step, process, "sample"))
+        if online:                                    # none of mine: None (sharded: it joined the others' passes)
+            firsts.append(samples.select(slice(0, None, 2)))
+            seconds.append(samples.select(slice(1, None, 2)))
     return StepPairs(torch.tensor([routes[i] for i in dataset_pairs + online_pairs]), dataset_prompts + online_prompts,
                      Responses.cat(firsts, tokenizer.pad_token_id), Responses.cat(seconds, tokenizer.pad_token_id),
                      cut_dataset + cut_online, cut_responses)
@@ -244,7 +242,7 @@ def make_optimizer(config: SAILConfig, policy) -> torch.optim.Optimizer:
 def judge_samples(model, sampler: Sampler, task: Task, config: SAILConfig, seed: int):
     """One sample per held-out prompt (truncated like training prompts) and its judge score."""
     prompts, _ = truncate_prompts_left(sampler.tokenizer, list(task.eval_prompts[: config.eval_prompts]),
-                                       config.max_prompt_tokens, config.text_prompts)
+                                       config.max_prompt_tokens, config.prompt_format)
     samples = sampler(model, prompts, k=1, seed=seed)
     return samples, check_judge_scores(task.judge(prompts, samples.texts), len(prompts), task.judge)
 

@@ -77,3 +77,19 @@ def test_every_field_has_a_docstring():
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
                 documented.add(a.target.id)
     assert {f.name for f in dataclasses.fields(SAILConfig)} <= documented
+
+
+def test_prompt_format_is_read_under_its_deprecated_name():
+    """``text_prompts`` (read like a boolean) is now ``prompt_format``; an older config.json or --set still works."""
+    import warnings as w
+
+    from sail_min.cli import parse_set
+
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        assert SAILConfig.from_dict({"text_prompts": "text"}).prompt_format == "text"
+        assert parse_set(["text_prompts=text"], SAILConfig().to_dict()) == {"prompt_format": "text"}
+    assert sum("prompt_format" in str(c.message) for c in caught) == 2
+    with pytest.raises(ValueError, match="both 'text_prompts'"):
+        SAILConfig.from_dict({"text_prompts": "text", "prompt_format": "chat"})
+    assert SAILConfig.choices()["prompt_format"] == ("chat", "text")

@@ -66,7 +66,7 @@ def test_sampling_py_alone(tmp_path):
         samples = sampling.sample_responses(model, tokenizer, ["Tell me about the market."], k=2, max_new_tokens=6,
                                             seed=0)
         encoded = sampling.encode_responses(tokenizer, ["Tell me about the market."], ["Lovely."], max_tokens=8)
-        sampler = sampling.Sampler(tokenizer, max_new_tokens=6, temperature=1.0, text_prompts="chat", cache="dynamic",
+        sampler = sampling.Sampler(tokenizer, max_new_tokens=6, temperature=1.0, prompt_format="chat", cache="dynamic",
                                    compile="off", isolate=True)
         again = sampler(model, ["Tell me about the market."], k=2, seed=0)
         assert again.texts == samples.texts                       # the sampler is sample_responses with its settings

@@ -244,17 +244,17 @@ def test_unknown_cache_is_refused(policy, tokenizer):
 
 
 def test_plain_text_prompts_meet_a_chat_template_as_a_user_message_or_as_text():
-    """text_prompts="chat" (default) wraps a string in the template; "text" leaves it as TRL does,
+    """prompt_format="chat" (default) wraps a string in the template; "text" leaves it as TRL does,
     with the tokenizer's own special tokens; message lists use the template either way."""
     tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)                      # has a chat template
     prompt, messages = "Tell me about the sea.", [{"role": "user", "content": "Tell me about the sea."}]
     assert render_prompts(tokenizer, [prompt]) == render_prompts(tokenizer, [messages])
-    assert render_prompts(tokenizer, [prompt], text_prompts="text") == [prompt]
-    assert render_prompts(tokenizer, [messages], text_prompts="text") == render_prompts(tokenizer, [messages])
-    as_text = encode_responses(tokenizer, [prompt], ["Calm."], text_prompts="text")
+    assert render_prompts(tokenizer, [prompt], prompt_format="text") == [prompt]
+    assert render_prompts(tokenizer, [messages], prompt_format="text") == render_prompts(tokenizer, [messages])
+    as_text = encode_responses(tokenizer, [prompt], ["Calm."], prompt_format="text")
     assert as_text.prompt_ids[0].tolist() == tokenizer(prompt).input_ids
-    with pytest.raises(ValueError, match="text_prompts"):
-        render_prompts(tokenizer, [prompt], text_prompts="raw")
+    with pytest.raises(ValueError, match="prompt_format"):
+        render_prompts(tokenizer, [prompt], prompt_format="raw")
 
 
 def test_a_response_that_already_ends_with_eos_gets_no_second_one():
@@ -311,7 +311,7 @@ def test_fixed_shapes_pad_every_call_to_one_shape_and_compile_one_static_graph_p
     when a second call site, evaluation, brings its own shape); the copies of the last row are dropped."""
     from sail_min.sampling import Sampler
     calls = _recording_generate(monkeypatch, delegate=False)
-    sampler = Sampler(tokenizer=tokenizer, max_new_tokens=5, temperature=1.0, text_prompts="chat", cache="static",
+    sampler = Sampler(tokenizer=tokenizer, max_new_tokens=5, temperature=1.0, prompt_format="chat", cache="static",
                       compile="eager-backend", isolate=True, rows=8, prompt_length=48)
     prompts = ["Hi", "Tell me about the market. " * 3, PROMPTS[1], "Say something about a blue kite."]
     for n in (1, 3, 4, 2):
@@ -322,7 +322,7 @@ def test_fixed_shapes_pad_every_call_to_one_shape_and_compile_one_static_graph_p
     assert {c["cache"] for c in calls} == {"static"} and {c["max_cache_len"] for c in calls} == {48 + 5}
     assert all(c["compile_config"].dynamic is False for c in calls)
     # without fixed shapes (bucketed), transformers' automatic-dynamic default is kept
-    bucketed = Sampler(tokenizer=tokenizer, max_new_tokens=5, temperature=1.0, text_prompts="chat", cache="static",
+    bucketed = Sampler(tokenizer=tokenizer, max_new_tokens=5, temperature=1.0, prompt_format="chat", cache="static",
                        compile="eager-backend", isolate=True)
     bucketed(policy, prompts[:3], k=2, seed=0)
     assert calls[-1]["shape"][0] == 8 and calls[-1]["shape"][1] % 64 == 0 and calls[-1]["compile_config"].dynamic is None
