@@ -398,7 +398,7 @@ def test_reused_pairs_response_term_is_unbiased_with_importance_weights():
     B = len(prob)
     route = torch.full((B, 2, 1), ROUTES.index("pr"))
     log_old = torch.log_softmax(theta_old, -1)
-    old_logps = log_old[torch.arange(2)[None, :, None], chosen] + log_old[torch.arange(2)[None, :, None], rejected]
+    old_logps = log_old[torch.arange(2)[None, :, None], chosen], log_old[torch.arange(2)[None, :, None], rejected]
 
     def expected_gradient(coef, weighted):
         config = SAILConfig(route_dpo=0.0, route_pr=1.0, pr_response_coef=coef)
@@ -414,7 +414,8 @@ def test_reused_pairs_response_term_is_unbiased_with_importance_weights():
     assert relative_error(unweighted, exact) > 0.1                  # what the unweighted reuse did
     # no weight was clipped in this check, so the equality above is the unclipped estimator's
     now = torch.log_softmax(theta, -1)
-    w = torch.exp(now[torch.arange(2)[None, :, None], chosen] + now[torch.arange(2)[None, :, None], rejected] - old_logps)
+    w = torch.exp(now[torch.arange(2)[None, :, None], chosen] + now[torch.arange(2)[None, :, None], rejected]
+                  - old_logps[0] - old_logps[1])
     from sail_min.objective import IMPORTANCE_CLIP
     assert w.max() < IMPORTANCE_CLIP
 
@@ -456,12 +457,12 @@ def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
     now = PairLogps(*(-3 - torch.rand(6, dtype=F64, generator=g) for _ in range(4)))
     labels, routes = PairLabels(torch.tensor([True, False, True, True, False, True])), torch.tensor([3, 3, 3, 0, 3, 3])
     config = SAILConfig(route_dpo=0.5, route_pr=0.5, pr_response_coef=0.5)
-    total = now.policy_first + now.policy_second
     plain = pair_loss(now, labels, routes, config)
-    same = pair_loss(now, labels, routes, config, old_logps=total)
+    same = pair_loss(now, labels, routes, config, old_logps=now)
     assert torch.equal(plain.loss, same.loss)
     shift = torch.tensor([0.3, -0.2, 0.1, 0.5, 0.0, -0.4], dtype=F64)
-    later = pair_loss(now, labels, routes, config, old_logps=total - shift)
+    older = PairLogps(now.policy_first - shift / 2, now.policy_second - shift / 2, now.ref_first, now.ref_second)
+    later = pair_loss(now, labels, routes, config, old_logps=older)
     assert torch.allclose(later.response, shift.exp() * plain.response, rtol=1e-14, atol=0)
     assert torch.equal(later.parts["dpo"], plain.parts["dpo"])
 
