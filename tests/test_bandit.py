@@ -320,8 +320,11 @@ def test_table_shows_each_variant_beside_its_control_and_the_labels_spent():
         assert len(rows) == 2                                              # one per budget
         for i in rows:
             assert lines[i + 1][:NAME_WIDTH].rstrip() == control          # its control right below it
-            assert lines[i].count("+-") == 5 and lines[i + 1].count("+-") == 3   # the variant has the differences
+            assert lines[i].count("±") == 3 and lines[i + 1].count("±") == 3   # KL, reward, KL to pi_ref: mean ± SD
             assert " 64 " in lines[i] or " 16 " in lines[i]                # labels spent
+        paired_rows = [line for line in lines if line.startswith(f"{variant} - control ")]
+        assert len(paired_rows) == 4                                       # KL and reward, per budget
+        assert all(("above" in r or "below" in r or "level within noise" in r) and "   2  " in r for r in paired_rows)
     assert "KL(pi||pi*)" in lines[1] and lines[1].index("KL(pi||pi*)") < lines[1].index("true reward")
     with pytest.raises(ValueError, match="control"):
         run_bandit_comparison(BanditSetup(methods={"x": BanditMethod(SAILConfig(), control="nope")}))
@@ -485,3 +488,30 @@ def test_fixed_points_controls_at_pi_star_and_each_extra_term_away_from_it():
     kls = [p["kl_opt"] for p in sweep(bandit, lambda c: SAILConfig.preset("online-dpo", pr_response_coef=c),
                                       (0.1, 0.3, 1.0), steps=800)]
     assert kls == sorted(kls) and kls[0] > 0
+
+
+def test_readme_quotes_the_bandit_printout():
+    """README's bandit block is generated: each of its text blocks is a verbatim piece of
+    results/bandit/bandit_table.txt (what `python -m sail_min bandit --full` printed) or the decomposition printed
+    from results/bandit/fixed_points.json."""
+    import json
+    import re
+    from pathlib import Path
+
+    from sail_min.lab.bandit_comparison import BanditSetup
+    from sail_min.lab.fixed_points import decomposition_parts, format_decomposition
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"<!-- bandit-findings: begin.*?<!-- bandit-findings: end -->", readme, flags=re.DOTALL)
+    assert block, "README.md has no generated bandit block"
+    printed = (root / "results" / "bandit" / "bandit_table.txt").read_text()
+    fp = json.loads((root / "results" / "bandit" / "fixed_points.json").read_text())
+    setup = BanditSetup()
+    bandit = make_bandit(setup.n_prompts, setup.n_responses, setup.beta, setup.ref_scale, setup.problem_seed)
+    bias = kl(torch.tensor(fp["presets"]["SAIL-PR"]["logits"], dtype=F64), bandit.optimal_logits).item()
+    decomposition = format_decomposition(decomposition_parts(fp["decomposition"], bias), bias)
+    quotes = re.findall(r"```text\n(.*?)\n```", block.group(0), flags=re.DOTALL)
+    assert len(quotes) >= 3
+    for quote in quotes:
+        assert quote in printed or quote == decomposition, quote[:200]

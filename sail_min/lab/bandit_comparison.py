@@ -369,13 +369,25 @@ def format_control_table(results: dict, names=None, key="kl_opt") -> str:
 
 
 def summary_text(results: dict) -> str:
-    """What ``python -m sail_min bandit`` prints and ``write_results`` writes to bandit_table.txt: the table per
-    budget (``format_table``), and with several budgets the KL and reward of each method across budgets and each
+    """What ``python -m sail_min bandit`` prints and ``write_results`` writes to bandit_table.txt: the headline
+    summary (``format_summary``, quoted by the README), the table per budget (``format_table``), and with several budgets the KL and reward of each method across budgets and each
     variant minus its control across budgets, every comparison with its computed verdict."""
-    parts = [format_table(results)]
+    parts = [format_summary(results), format_table(results)]
     if len(results["by_budget"]) > 1:
-        parts += [format_budget_table(results), format_budget_table(results, key="reward"), format_control_table(results)]
+        parts += [format_budget_table(results), format_budget_table(results, key="reward"), format_control_table(results),
+                  format_method_comparisons(results)]
     return "\n\n".join(parts) + "\n"
+
+
+DPO_COMPARISONS = (("online DPO", "offline DPO"), ("iterative DPO (4 rounds)", "offline DPO"),
+                   ("iterative DPO (4 rounds)", "online DPO"), ("SAIL-PR control (gamma=0)", "iterative DPO (4 rounds)"))
+
+
+def format_method_comparisons(results: dict, pairs=DPO_COMPARISONS, key="kl_opt") -> str:
+    """Method minus method in ``key`` at every budget but the first (``compare_methods``, unpaired, with verdicts)."""
+    budgets = list(results["by_budget"])[1:]
+    return "\n".join(f"{a} - {b} at {n} labels: {compare_methods(results, a, b, n, key)}" for a, b in pairs
+                     for n in budgets if a in results["by_budget"][n] and b in results["by_budget"][n])
 
 
 def compare_methods(results: dict, a: str, b: str, budget=None, key="kl_opt") -> Paired:

@@ -233,6 +233,37 @@ def decompose_gap(setup, seeds: int | None = None) -> dict:
     return {"budget": setup.headline_budget, "seeds": seeds, "arms": DECOMPOSITION_ARMS, "final_kl_opt": runs}
 
 
+def decomposition_parts(decomposition: dict, fixed_point_bias: float) -> dict:
+    """The parts of SAIL-PR's gap to its control from ``decompose_gap``'s runs, each a ``findings.Paired`` of
+    per-seed gaps (SAIL-PR minus its control, the same seed): "gap" (as compared), "sampling" (fresh pairs every
+    step, minus the exact ``fixed_point_bias``), "label reuse" (as compared minus fresh); gap = bias + sampling +
+    label reuse exactly. Beside them, at the same labels: "staleness" (4 rounds minus the comparison's rounds) and
+    "unweighted term" (SAIL-PR with the response term unweighted minus weighted)."""
+    from .findings import paired
+
+    runs, control = decomposition["final_kl_opt"], "SAIL-PR control (gamma=0)"
+
+    def gaps(how):
+        return [a - b for a, b in zip(runs[f"SAIL-PR, {how}"], runs[f"{control}, {how}"])]
+
+    fresh = gaps("fresh")
+    return {"gap": paired(runs["SAIL-PR, reused, weighted"], runs[f"{control}, reused, weighted"]),
+            "sampling": paired(fresh, [fixed_point_bias] * len(fresh)),
+            "label reuse": paired(gaps("reused, weighted"), fresh),
+            "staleness": paired(gaps("4 rounds, weighted"), gaps("reused, weighted")),
+            "unweighted term": paired(runs["SAIL-PR, reused, unweighted"], runs["SAIL-PR, reused, weighted"])}
+
+
+def format_decomposition(parts: dict, fixed_point_bias: float) -> str:
+    """``decomposition_parts`` as printed by notebook 02 and quoted by the README."""
+    rows = [("gap SAIL-PR - control", parts["gap"]), ("  fixed-point bias (exact)", f"{fixed_point_bias:+.3f}"),
+            ("  sampling (fresh pairs every step)", parts["sampling"]),
+            ("  the budget's label reuse", parts["label reuse"]),
+            ("staleness at equal labels (4 vs 30 rounds)", parts["staleness"]),
+            ("old unweighted term (unweighted - weighted)", parts["unweighted term"])]
+    return "\n".join(f"{name:44s} {value}" for name, value in rows)
+
+
 PARTS = ("presets", "sweeps", "coverage", "argmax", "decomposition")
 
 
