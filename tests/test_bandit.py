@@ -451,8 +451,8 @@ def test_bandit_public_term_weighs_the_configs_hook_scale():
 
 def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
     """train.pair_loss(old_logps=...): w = 1 on the step that drew the pairs (same loss as without), and on a
-    later step the response term of each pair scaled by pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)),
-    the DPO term untouched."""
+    later step the response term of each policy pair scaled by pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)),
+    the DPO term untouched (judge and dataset labels do not depend on theta)."""
     from sail_min.labels import PairLabels
     from sail_min.train import PairLogps, pair_loss
 
@@ -466,7 +466,8 @@ def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
     shift = torch.tensor([0.3, -0.2, 0.1, 0.5, 0.0, -0.4], dtype=F64)
     older = PairLogps(now.policy_first - shift / 2, now.policy_second - shift / 2, now.ref_first, now.ref_second)
     later = pair_loss(now, labels, routes, config, old_logps=older)
-    assert torch.allclose(later.response, shift.exp() * plain.response, rtol=1e-14, atol=0)
+    weight = torch.where(routes == 3, shift.exp(), 1.0)              # a dataset pair's responses are not drawn: w = 1
+    assert torch.allclose(later.response, weight * plain.response, rtol=1e-14, atol=0)
     assert torch.equal(later.parts["dpo"], plain.parts["dpo"])
 
 

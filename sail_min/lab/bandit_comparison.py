@@ -354,11 +354,17 @@ def format_budget_table(results: dict, methods=None, key="kl_opt") -> str:
     return "\n".join(lines)
 
 
+CONTROL_TABLE_FIRST = ("SAIL-PR", "SAIL-PP", "SAIL-PP (label averaged out)", "SAIL-DP", "SAIL-DP (label averaged out)")
+"""The variants ``format_control_table`` lists first."""
+
+
 def format_control_table(results: dict, names=None, key="kl_opt") -> str:
     """Each variant minus its control in ``key`` at every budget, paired by seed: difference ± SE and the verdict
     of ``findings`` (n per budget in the header); a point the clip biases (``clip_marked``) carries "(clip)"."""
     budgets = list(results["by_budget"])
-    names = names or [n for n, e in results["methods"].items() if e["control"]]
+    if names is None:                        # the SAIL variants first (README quotes them), then the other variants
+        variants = [n for n, e in results["methods"].items() if e["control"]]
+        names = [n for n in CONTROL_TABLE_FIRST if n in variants] + [n for n in variants if n not in CONTROL_TABLE_FIRST]
     lines = []
     for name in names:
         lines.append(f"{name} - {results['methods'][name]['control']}  ({key}, paired by seed)")
@@ -574,7 +580,7 @@ def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:
     # a list of numbers on one line (curves and per-seed values): a readable file a third of the size
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
     json_path.write_text(text)
-    (out / "bandit_table.txt").write_text(summary_text(results))
+    (out / "bandit_table.txt").write_text(summary_text(read_results(json_path)))   # the numbers as stored
     plt.close(plot_bandit_comparison(results, path=png_path))
     if len(results["by_budget"]) > 1:
         plt.close(plot_budgets(results, path=out / "bandit_budgets.png"))
