@@ -113,8 +113,10 @@ class SAILConfig:
     """preference pairs per optimiser step, all routes together (per process)"""
     reuse_steps: int = 1
     """optimiser steps on each drawn and labelled batch of pairs (a round of iterative DPO): more steps
-    per judge label; log-probs are recomputed every step, pairs and labels are not, and a reused pair's response
-    term is weighted by pi_theta / pi_old of the pair (``objective.importance_weights``) so it stays unbiased"""
+    per judge label; log-probs are recomputed every step, pairs and labels are not. What was drawn at the round's
+    first step is importance-weighted (``routes.reuse_weights``): a policy pair by pi_theta / pi_old of the pair, a
+    drawn self-label (dp, pp) by P_theta(label) / P_old(label). Unbiased up to the clip of those weights
+    (``objective.importance_weights``), which biases the terms when the policy moves far within a round"""
     seed: int = 0
     """seed of every random choice: routing, data order, sampling, labels, evaluation"""
 

@@ -45,16 +45,24 @@ response term unbiased, because E_{y ~ pi}[grad log pi(y)] = 0. We offer a leave
 batch mean of f, which is such a quantity and lowers the variance, taken within each route
 (``baseline_groups``: the bandit and the training loop group it through this one function).
 
-Reused pairs. The response term's identity E_{y ~ pi_theta}[grad log pi_theta(y)] = 0 holds only for
-pairs drawn from the CURRENT policy. A pair drawn at an older theta_old and reused for later steps
-(``reuse_steps > 1``) gets the importance weight of the pair, w = pi_theta(y1) pi_theta(y2) /
-(pi_old(y1) pi_old(y2)), on its response term:
+Reused pairs and labels. The response term's identity E_{y ~ pi_theta}[grad log pi_theta(y)] = 0 holds only
+for pairs drawn from the CURRENT policy, and a self-label (dp, pp) is itself a draw of the policy's
+Bradley-Terry model P_theta(label) = sig(z_label). A pair and label drawn at an older theta_old and reused for
+later steps (``reuse_steps > 1``) get the likelihood ratio of what was drawn at theta_old:
 
-    response  sg[w (f - b)] * (l(y_w) + l(y_l))        E_{y ~ pi_old}[...] = E_{y ~ pi_theta}[...]
+    w = [pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2))]   (policy-sampled pairs, pp and pr)
+      x [P_theta(label) / P_old(label)]                           (a drawn self-label, dp and pp)
+    v =  P_theta(label) / P_old(label)                            (a drawn self-label; else 1)
 
-(``importance_weights``; w = 1 exactly on the step that drew the pair). The DPO and label terms are
-not weighted: they have no score-function part, and a DPO term on any pair distribution with full
-support keeps pi* as its fixed point.
+    dpo       sg[v] f                                E_{l ~ P_old}[v grad f] = E_{l ~ P_theta}[grad f]
+    response  sg[w (f - b)] * (l(y_w) + l(y_l))       E_old[...] = E_theta[...]
+    label     sg[w] * -1/2 (log sig(z))^2             E_old[...] = E_theta[...]
+
+(``importance_weights``, clipped; w = v = 1 exactly on the step that drew the pair; a label averaged out
+is computed at theta, so v = 1 and w is the pair's ratio.) A judge's or the dataset's label does not depend
+on theta, so v = 1 there, and the DPO term of a pair is not weighted by the pair's ratio: it has no
+score-function part, a DPO term on any pair distribution with full support keeps pi* as its fixed point, and
+a self-label's DPO gradient has expectation 0 on every pair once v is applied.
 
 Variants (SAIL-PR / SAIL-PP / SAIL-DP) pick q and P; online DPO is "policy responses,
 oracle labels, response coefficient 0"; offline DPO is "dataset responses, dataset labels".
@@ -198,19 +206,24 @@ def baseline_groups(routes: torch.Tensor, runs: torch.Tensor | None = None) -> t
         runs = torch.zeros_like(routes)
     if runs.shape != routes.shape:
         raise ValueError(f"runs has shape {tuple(runs.shape)}, routes {tuple(routes.shape)}")
-    return torch.unique(torch.stack([runs.flatten(), routes.flatten()]), dim=1, return_inverse=True)[1].view(routes.shape)
+    key = runs.flatten().long() * (int(routes.max()) + 1 if routes.numel() else 1) + routes.flatten().long()
+    return torch.unique(key, return_inverse=True)[1].view(routes.shape)    # one id per (run, route)
 
 
 def importance_weights(policy_logps: torch.Tensor, old_logps: torch.Tensor, clip: float = IMPORTANCE_CLIP) -> torch.Tensor:
-    r"""w = min(pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)), clip), detached, per pair.
+    r"""w = min(exp(policy_logps - old_logps), clip), detached, per pair: a clipped likelihood ratio.
 
-    ``policy_logps`` = l_theta(y1) + l_theta(y2) now, ``old_logps`` the same at the step that drew the
-    pair (so w = exp(0) = 1 there). Without the clip, E_{y ~ pi_old}[w g(y)] = E_{y ~ pi_theta}[g(y)]
-    for any g: the reused pair's response term has the expectation of a fresh pair's. The clip bounds
-    the variance a rare pair can add when the policy has moved far from pi_old (a sequence-level
-    ratio is a product over tokens and can be huge in an LM); a clipped weight biases the term, so
-    training counts the clipped pairs. In the bandit's comparison no weight reaches it
-    (``bandit.train_sampled`` reports ``clipped_weights``)."""
+    For a reused pair, ``policy_logps`` = l_theta(y1) + l_theta(y2) now and ``old_logps`` the same at the step
+    that drew the pair (w = exp(0) = 1 there); for a reused self-label, log P_theta(label) and log P_old(label)
+    (``routes.route_loss`` multiplies the two ratios). Without the clip, E_{y ~ pi_old}[w g(y)] =
+    E_{y ~ pi_theta}[g(y)] for any g: the reused pair's term has the expectation of a fresh pair's.
+
+    The clip bounds the variance a rare pair adds when the policy has moved far from pi_old (a sequence-level
+    ratio is a product over tokens and can be huge in an LM), and it BIASES the term: E[min(w, c) g] differs
+    from E[w g] by E[(w - c)_+ g], which can be large even when few weights are clipped, because the clipped
+    weights carry much of the mass. Training counts the clipped weights (``bandit.train_sampled``:
+    ``clipped_weights``), and the bandit measures the bias exactly (``bandit.clip_bias``); at small label
+    budgets, where one round is reused for hundreds of steps, it is large, and those points are marked."""
     if not clip > 0:
         raise ValueError(f"clip must be > 0, got {clip!r}")
     return torch.exp(policy_logps.detach() - old_logps.detach()).clamp(max=clip)
@@ -353,6 +366,7 @@ def sail_loss(
     expected_labels: torch.Tensor | None = None,
     check_finite: bool = True,
     response_importance: torch.Tensor | None = None,
+    label_importance: torch.Tensor | None = None,
 ) -> SAILLoss:
     r"""The SAIL surrogate for a batch of labelled pairs.
 
@@ -371,8 +385,11 @@ def sail_loss(
     sum_i weights_i * term_i, e.g. probabilities when enumerating pairs exactly, or 1/n_s
     for pairs of independent runs s stacked in one batch; they weigh the public term too.
     ``check_finite=False``: a non-finite log-prob gives a non-finite loss instead of an error.
-    ``response_importance`` (per pair, default 1): the importance weight w of a reused pair
-    (``importance_weights``), multiplying its exact response term: sg[w (f - b)] (l_w + l_l).
+    ``response_importance`` (per pair, default 1): the importance weight w of a reused pair and label
+    (``importance_weights``: the ratio of everything drawn at the older step, see the module docstring),
+    multiplying its exact response term, sg[w (f - b)] (l_w + l_l), and its label term.
+    ``label_importance`` (per pair, default 1): v = P_theta(label) / P_old(label) of a reused self-label,
+    multiplying its DPO term.
     """
     if response_mode not in RESPONSE_MODES:
         raise ValueError(f"response_mode must be one of {RESPONSE_MODES}, got {response_mode!r}")
@@ -397,16 +414,18 @@ def sail_loss(
         expected_dpo, expected_label = expected_label_terms(z)           # sg[H(sig z)], H(sig z)
         dpo, label = torch.where(expected, expected_dpo, dpo), torch.where(expected, expected_label, label)
         response_weight = torch.where(expected, expected_dpo, response_weight)
-    parts = {"dpo": (weights * dpo).sum(), "label": (weights * label_coef * label).sum()}
+    for name, importance in (("response_importance", response_importance), ("label_importance", label_importance)):
+        if importance is not None and importance.shape != z.shape:
+            raise ValueError(f"{name} has shape {tuple(importance.shape)}, expected {tuple(z.shape)}")
+    dpo_weight = weights if label_importance is None else weights * label_importance.detach()         # sg[v] f
+    label_weight = weights if response_importance is None else weights * response_importance.detach()  # sg[w]
+    parts = {"dpo": (dpo_weight * dpo).sum(), "label": (label_weight * label_coef * label).sum()}
     b = torch.zeros_like(z)
     if response_mode == "exact":
         b = _baseline(response_weight, baseline, groups)
         response = _response_surrogate(response_weight, policy_chosen_logps, policy_rejected_logps, b)
         if response_importance is not None:
-            if response_importance.shape != z.shape:
-                raise ValueError(f"response_importance has shape {tuple(response_importance.shape)}, "
-                                 f"expected {tuple(z.shape)}")
-            response = response_importance.detach() * response
+            response = response_importance.detach() * response              # sg[w (f - b)] (l_w + l_l)
         parts["response"] = (weights * response_coef * response).sum()
     elif response_mode == "public":
         response = public_code_response_term(z, policy_chosen_logps, policy_rejected_logps)

@@ -16,8 +16,10 @@ One optimiser step is four functions and the four lines of any PyTorch step, in 
               for ``replay_skipped_step``.
 
 With ``reuse_steps = R > 1`` (iterative DPO in rounds) steps 1 and 3 run once per round of R steps:
-the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step, and
-the response term of a reused pair weighted by pi_theta / pi_old of the pair (``objective.importance_weights``).
+the round's pairs and labels are reused, their log-probs (2) and the loss (4) recomputed every step. What was
+drawn at the round's label step (theta_old) is importance-weighted (``routes.reuse_weights``, clipped): a policy
+pair by pi_theta / pi_old of the pair, a drawn self-label (dp, pp) by P_theta(label) / P_old(label), so that the
+reused pair's gradient has the expectation of a fresh one, up to the clip's bias (``objective.importance_weights``).
 
 Every random choice of step t is seeded by (seed, t, purpose), so a run resumed from a checkpoint
 draws exactly what the uninterrupted run would have drawn. Metrics go to
@@ -213,16 +215,17 @@ def label_pairs(pairs: StepPairs, logps: PairLogps, task: Task, config: SAILConf
 # 4. loss
 # --------------------------------------------------------------------------------------
 def pair_loss(logps: PairLogps, labels: PairLabels, routes: torch.Tensor, config: SAILConfig,
-              old_logps: torch.Tensor | None = None) -> SAILLoss:
+              old_logps: PairLogps | None = None) -> SAILLoss:
     """The loss of the step's pairs: (chosen, rejected) as labelled, then ``routes.route_loss`` (the same
     function as the bandit's): coefficients from the routes, the leave-one-out baseline within each route,
-    self-labels averaged out if the config says so. ``old_logps``: l(y1) + l(y2) at the step that drew the
-    pairs (a reused round, ``reuse_steps > 1``): the response term gets the importance weight
-    pi_theta / pi_old of the pair."""
+    self-labels averaged out if the config says so. ``old_logps``: the log-probs at the round's label step,
+    where the pairs and labels were drawn (a reused round, ``reuse_steps > 1``): the pair and a drawn self-label
+    get the importance weights of ``routes.reuse_weights``."""
     policy_chosen, policy_rejected = labels.chosen_rejected(logps.policy_first, logps.policy_second)
     ref_chosen, ref_rejected = labels.chosen_rejected(logps.ref_first, logps.ref_second)
+    old = None if old_logps is None else labels.chosen_rejected(old_logps.policy_first, old_logps.policy_second)
     return route_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, routes, config,
-                      old_logps=old_logps, check_finite=False)                       # non-finite: step skipped
+                      old_logps=old, check_finite=False)                             # non-finite: step skipped
 
 
 # --------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         if new_round:                                                                                 # 3. label
             labels, judge_queries = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
                 step_seed(config.seed, step, runtime.rank, "labels")))
-            old_logps = (logps.policy_first + logps.policy_second).detach()   # pi_old: reused pairs are reweighted
+            old_logps = PairLogps(*(t.detach() for t in vars(logps).values()))  # pi_old: the round's label step
         t3 = time.perf_counter()
         loss = pair_loss(logps, labels, pairs.routes, config, old_logps if config.reuse_steps > 1 else None)  # 4.
         term_norms = term_gradient_norms(loss, policy, pairs.routes, config) if evaluating and runtime.alone else {}

@@ -320,8 +320,11 @@ def test_table_shows_each_variant_beside_its_control_and_the_labels_spent():
         assert len(rows) == 2                                              # one per budget
         for i in rows:
             assert lines[i + 1][:NAME_WIDTH].rstrip() == control          # its control right below it
-            assert lines[i].count("+-") == 5 and lines[i + 1].count("+-") == 3   # the variant has the differences
+            assert lines[i].count("±") == 3 and lines[i + 1].count("±") == 3   # KL, reward, KL to pi_ref: mean ± SD
             assert " 64 " in lines[i] or " 16 " in lines[i]                # labels spent
+        paired_rows = [line for line in lines if line.startswith(f"{variant} - control ")]
+        assert len(paired_rows) == 4                                       # KL and reward, per budget
+        assert all(("above" in r or "below" in r or "level within noise" in r) and "   2  " in r for r in paired_rows)
     assert "KL(pi||pi*)" in lines[1] and lines[1].index("KL(pi||pi*)") < lines[1].index("true reward")
     with pytest.raises(ValueError, match="control"):
         run_bandit_comparison(BanditSetup(methods={"x": BanditMethod(SAILConfig(), control="nope")}))
@@ -398,7 +401,7 @@ def test_reused_pairs_response_term_is_unbiased_with_importance_weights():
     B = len(prob)
     route = torch.full((B, 2, 1), ROUTES.index("pr"))
     log_old = torch.log_softmax(theta_old, -1)
-    old_logps = log_old[torch.arange(2)[None, :, None], chosen] + log_old[torch.arange(2)[None, :, None], rejected]
+    old_logps = log_old[torch.arange(2)[None, :, None], chosen], log_old[torch.arange(2)[None, :, None], rejected]
 
     def expected_gradient(coef, weighted):
         config = SAILConfig(route_dpo=0.0, route_pr=1.0, pr_response_coef=coef)
@@ -414,7 +417,8 @@ def test_reused_pairs_response_term_is_unbiased_with_importance_weights():
     assert relative_error(unweighted, exact) > 0.1                  # what the unweighted reuse did
     # no weight was clipped in this check, so the equality above is the unclipped estimator's
     now = torch.log_softmax(theta, -1)
-    w = torch.exp(now[torch.arange(2)[None, :, None], chosen] + now[torch.arange(2)[None, :, None], rejected] - old_logps)
+    w = torch.exp(now[torch.arange(2)[None, :, None], chosen] + now[torch.arange(2)[None, :, None], rejected]
+                  - old_logps[0] - old_logps[1])
     from sail_min.objective import IMPORTANCE_CLIP
     assert w.max() < IMPORTANCE_CLIP
 
@@ -447,8 +451,8 @@ def test_bandit_public_term_weighs_the_configs_hook_scale():
 
 def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
     """train.pair_loss(old_logps=...): w = 1 on the step that drew the pairs (same loss as without), and on a
-    later step the response term of each pair scaled by pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)),
-    the DPO term untouched."""
+    later step the response term of each policy pair scaled by pi_theta(y1) pi_theta(y2) / (pi_old(y1) pi_old(y2)),
+    the DPO term untouched (judge and dataset labels do not depend on theta)."""
     from sail_min.labels import PairLabels
     from sail_min.train import PairLogps, pair_loss
 
@@ -456,13 +460,14 @@ def test_training_loop_weights_a_reused_pairs_response_term_by_pi_over_pi_old():
     now = PairLogps(*(-3 - torch.rand(6, dtype=F64, generator=g) for _ in range(4)))
     labels, routes = PairLabels(torch.tensor([True, False, True, True, False, True])), torch.tensor([3, 3, 3, 0, 3, 3])
     config = SAILConfig(route_dpo=0.5, route_pr=0.5, pr_response_coef=0.5)
-    total = now.policy_first + now.policy_second
     plain = pair_loss(now, labels, routes, config)
-    same = pair_loss(now, labels, routes, config, old_logps=total)
+    same = pair_loss(now, labels, routes, config, old_logps=now)
     assert torch.equal(plain.loss, same.loss)
     shift = torch.tensor([0.3, -0.2, 0.1, 0.5, 0.0, -0.4], dtype=F64)
-    later = pair_loss(now, labels, routes, config, old_logps=total - shift)
-    assert torch.allclose(later.response, shift.exp() * plain.response, rtol=1e-14, atol=0)
+    older = PairLogps(now.policy_first - shift / 2, now.policy_second - shift / 2, now.ref_first, now.ref_second)
+    later = pair_loss(now, labels, routes, config, old_logps=older)
+    weight = torch.where(routes == 3, shift.exp(), 1.0)              # a dataset pair's responses are not drawn: w = 1
+    assert torch.allclose(later.response, weight * plain.response, rtol=1e-14, atol=0)
     assert torch.equal(later.parts["dpo"], plain.parts["dpo"])
 
 
@@ -484,3 +489,30 @@ def test_fixed_points_controls_at_pi_star_and_each_extra_term_away_from_it():
     kls = [p["kl_opt"] for p in sweep(bandit, lambda c: SAILConfig.preset("online-dpo", pr_response_coef=c),
                                       (0.1, 0.3, 1.0), steps=800)]
     assert kls == sorted(kls) and kls[0] > 0
+
+
+def test_readme_quotes_the_bandit_printout():
+    """README's bandit block is generated: each of its text blocks is a verbatim piece of
+    results/bandit/bandit_table.txt (what `python -m sail_min bandit --full` printed) or the decomposition printed
+    from results/bandit/fixed_points.json."""
+    import json
+    import re
+    from pathlib import Path
+
+    from sail_min.lab.bandit_comparison import BanditSetup
+    from sail_min.lab.fixed_points import decomposition_parts, format_decomposition
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"<!-- bandit-findings: begin.*?<!-- bandit-findings: end -->", readme, flags=re.DOTALL)
+    assert block, "README.md has no generated bandit block"
+    printed = (root / "results" / "bandit" / "bandit_table.txt").read_text()
+    fp = json.loads((root / "results" / "bandit" / "fixed_points.json").read_text())
+    setup = BanditSetup()
+    bandit = make_bandit(setup.n_prompts, setup.n_responses, setup.beta, setup.ref_scale, setup.problem_seed)
+    bias = kl(torch.tensor(fp["presets"]["SAIL-PR"]["logits"], dtype=F64), bandit.optimal_logits).item()
+    decomposition = format_decomposition(decomposition_parts(fp["decomposition"], bias), bias)
+    quotes = re.findall(r"```text\n(.*?)\n```", block.group(0), flags=re.DOTALL)
+    assert len(quotes) >= 3
+    for quote in quotes:
+        assert quote in printed or quote == decomposition, quote[:200]

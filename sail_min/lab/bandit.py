@@ -230,9 +230,9 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
     taken per route (``objective.baseline_groups``; here also per run), ``baseline`` defaults to
     ``config.baseline``, and the public-code term weighs ``config.public_hook_scale``.
 
-    ``old_logps`` [S, M, N] (optional): log pi_old(chosen) + log pi_old(rejected) at the step that drew
-    each pair; a reused pair's response term gets the importance weight pi_theta / pi_old of the pair
-    (``objective.importance_weights``; 1 for a pair drawn this step).
+    ``old_logps`` (optional): (log pi_old(chosen), log pi_old(rejected)), [S, M, N] each, at the step that
+    drew each pair; a reused pair gets the importance weights of ``routes.reuse_weights`` (1 for a pair
+    drawn this step).
     ``config.self_labels == "expected"``: pairs of the self-labelled routes (dp, pp) are taken as unlabelled
     pairs (chosen, rejected) = (y1, y2) and their label is averaged out exactly with the policy's
     own P(y1 > y2) = sig(z) (``objective.expected_label_terms``); other pairs keep their label."""
@@ -240,6 +240,8 @@ def batch_loss(theta, bandit: Bandit, config: SAILConfig, chosen, rejected, rout
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     log_pi = torch.log_softmax(theta, -1)
     log_ref = bandit.log_ref.expand_as(log_pi)
+    if old_logps is not None:
+        old_logps = tuple(t.flatten() for t in old_logps)
     return route_loss(log_pi[s_idx, x_idx, chosen], log_pi[s_idx, x_idx, rejected], log_ref[s_idx, x_idx, chosen],
                       log_ref[s_idx, x_idx, rejected], route, config, old_logps=old_logps,
                       runs=s_idx.expand(S, M, N), weights=torch.full((S * M * N,), 1.0 / (M * N), dtype=theta.dtype),
@@ -298,7 +300,9 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
     A reused oracle-labelled pair was drawn from an older policy pi_old: its response term gets the
     importance weight pi_theta / pi_old of the pair (``objective.importance_weights``), so that its
     expectation is the current policy's; ``importance_weighting=False`` leaves it unweighted (biased,
-    kept to measure the bias). Weights above the clip are counted in ``clipped_weights``.
+    kept to measure the bias). Weights above the clip are counted in ``clipped_weights``, and the clip's bias on
+    the exact expected response term (``clip_bias``) is summed over the steps, per run, in ``clip_bias`` beside
+    the size of the term itself (``response_term_size``).
 
     Oracle labels are counted: 2 per labelled pair (the judge scores both responses), the
     dataset's included when the config routes any pair to it. Runs start at pi_ref and differ
@@ -329,7 +333,7 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
     runs = [bandit.ref_logits.clone().requires_grad_(True) for _ in range(S)]   # one tensor per run,
     opt = torch.optim.Adam(runs, lr=lr)                                          # so a run can skip alone
     history = {"step": [], "reward": [], "kl_ref": [], "kl_opt": [], "labels": [], "skipped_steps": [0] * S,
-               "clipped_weights": 0}
+               "clipped_weights": 0, "clip_bias": [0.0] * S, "response_term_size": [0.0] * S}
     s_idx, x_idx = torch.arange(S)[:, None, None], torch.arange(M)[None, :, None]
     route = torch.cat([torch.full((b,), k) for k, b in enumerate((b_dpo, b_dp, b_pp, b_pr))]).expand(S, M, -1)
     rounds_done = 0
@@ -359,7 +363,8 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
                     n = online // n_rounds + (rounds_done < online % n_rounds)
                     y = _policy_samples(theta, 2 * n, g).view(S, M, 2, n)
                     pool_chosen, pool_rejected = draw_labels(bandit.oracle_prefs, y[:, :, 0], y[:, :, 1], g)
-                    pool_old = _pair_logps(theta, pool_chosen, pool_rejected)    # log pi_old of each pair
+                    pool_old = _response_logps(theta, pool_chosen), _response_logps(theta, pool_rejected)
+                    theta_old = theta.detach().clone()                           # pi_old: the round's label step
                     k = min(reuse_steps, steps - step)
                     pool_order = pass_order(S, M, n, k * b_pr, g).view(S, M, k, b_pr)
                     labels += 2 * n
@@ -370,10 +375,16 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
             rejected = torch.cat([r for _, r in parts], -1)
             old_logps = None                                                     # every pair drawn now: w = 1
             if b_pr and importance_weighting and reuse_steps > 1:
-                now = _pair_logps(theta, chosen, rejected)
-                old_logps = now.clone()
-                old_logps[..., b_dpo + b_dp + b_pp:] = pool_old.gather(2, pick)  # reused pairs: w = pi / pi_old
-                history["clipped_weights"] += int((now - old_logps > math.log(IMPORTANCE_CLIP)).sum())
+                old_logps = _response_logps(theta, chosen), _response_logps(theta, rejected)
+                reused = slice(b_dpo + b_dp + b_pp, None)
+                for old, pool in zip(old_logps, pool_old):
+                    old[..., reused] = pool.gather(2, pick)                      # reused pairs: w = pi / pi_old
+                log_w = _pair_logps(theta, chosen, rejected) - old_logps[0] - old_logps[1]
+                history["clipped_weights"] += int((log_w > math.log(IMPORTANCE_CLIP)).sum())
+                if config.pr_response_coef > 0 and config.response_mode == "exact":
+                    bias, size = clip_bias(theta, theta_old, bandit)
+                    history["clip_bias"] = [a + b for a, b in zip(history["clip_bias"], bias.tolist())]
+                    history["response_term_size"] = [a + b for a, b in zip(history["response_term_size"], size.tolist())]
         opt.zero_grad()
         batch_loss(theta, bandit, config, chosen, rejected, route,
                    old_logps=old_logps).loss.backward()
@@ -385,6 +396,38 @@ def train_sampled(bandit: Bandit, config: SAILConfig, n_seeds=3, steps=1000, pai
     history.update(labels_per_prompt=labels, optimizer_steps=steps, rounds=rounds_done if b_pr else 0,
                    reuse_steps=reuse_steps if b_pr else steps)
     return history
+
+
+def clip_bias(theta: torch.Tensor, theta_old: torch.Tensor, bandit: Bandit,
+              clip: float = IMPORTANCE_CLIP) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The clip's bias on the EXACT expected response term of oracle-labelled pairs drawn at theta_old and
+    used at theta, per run: (|g_clip - g|, |g|), norms over all prompts and responses, [S] each.
+
+        g      = E_{y ~ pi_theta} E_label [ (f - b) grad (l(y1) + l(y2)) ]
+               = E_{y ~ pi_old}   E_label [ w (f - b) grad (l(y1) + l(y2)) ],   w = pi_theta / pi_old of the pair
+        g_clip = E_{y ~ pi_old}   E_label [ min(w, clip) (f - b) grad (l(y1) + l(y2)) ]
+
+    every pair (i, j) and label enumerated, grad_theta (l_i + l_j) = e_i + e_j - 2 pi_theta, b the
+    large-batch limit of the leave-one-out baseline (the mean of f over the run's reused pairs, all prompts:
+    ``objective.baseline_groups`` groups by run and route). theta, theta_old: [S, M, K]."""
+    pi, old = torch.softmax(theta.detach(), -1), torch.softmax(theta_old.detach(), -1)
+    q_now, q_old = pi[..., :, None] * pi[..., None, :], old[..., :, None] * old[..., None, :]      # [S, M, K, K]
+    z = torch.stack([pair_logits(t, bandit) for t in theta.detach()])
+    prefs = bandit.oracle_prefs
+    f = prefs * -F.logsigmoid(z) + (1 - prefs) * -F.logsigmoid(-z)       # E_label f of the pair (i, j)
+    b = (q_old * f).sum((-1, -2)).mean(-1)[:, None, None, None]          # [S, 1, 1, 1]
+
+    def term(c):                                                         # sum_ij c_ij (e_i + e_j - 2 pi)
+        return c.sum(-1) + c.sum(-2) - 2 * pi * c.sum((-1, -2))[..., None]
+
+    exact = term(q_now * (f - b))                                        # q_old w = q_now, no overflow
+    clipped = term(torch.minimum(q_now, clip * q_old) * (f - b))
+    return (clipped - exact).flatten(1).norm(dim=1), exact.flatten(1).norm(dim=1)
+
+
+def _response_logps(theta, responses):
+    """log pi_theta(y) of responses [S, M, N], detached."""
+    return torch.log_softmax(theta.detach(), -1).gather(2, responses)
 
 
 def _pair_logps(theta, chosen, rejected):

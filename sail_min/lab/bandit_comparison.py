@@ -20,7 +20,8 @@ splits B in proportion to its route probabilities; self-labelled pairs cost no l
 **The harness, as in the LM loop.** The response term's leave-one-out baseline is taken per route
 (``objective.baseline_groups``), the public-code term weighs ``public_hook_scale``, and a reused pair's
 response term is importance-weighted by pi_theta / pi_old of the pair (``objective.importance_weights``,
-clipped at ``IMPORTANCE_CLIP``; each run counts its clipped weights). Where each variant's exact expected
+clipped at ``IMPORTANCE_CLIP``; each run counts its clipped weights and sums the clip's exact bias on the expected
+response term, ``bandit.clip_bias``; points where it exceeds ``CLIP_BIAS_MARK`` are marked). Where each variant's exact expected
 update leads, without samples, is ``fixed_points``.
 
 **Scores.** The headline metric is KL(pi || pi*) (lower is better): pi* maximises
@@ -38,12 +39,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bandit import expected_reward, kl, make_bandit, route_counts, train_sampled
+from .findings import THRESHOLD_SE, Paired, difference_of_means, format_paired_table, format_runs_table, mean_sd, paired
 from ..config import SAILConfig
 
 FULL_BUDGETS = (16, 64, 256, 1024, 4096)
@@ -125,6 +126,9 @@ class BanditSetup:
     n_seeds: int = 5
     """independent runs per method (dataset and samples differ; run s of every method with the
     same dataset size has the same dataset, so differences to a control are paired by seed)"""
+    headline_seeds: int | None = None
+    """runs per method at the headline budget (default ``n_seeds``): the runs the decomposition of notebook 02
+    and the README's headline table rest on"""
     eval_every: int = 25
     """steps between two points of the curves"""
     methods: dict = field(default_factory=lambda: dict(BANDIT_METHODS))
@@ -132,8 +136,12 @@ class BanditSetup:
 
     @classmethod
     def full(cls, **changes) -> "BanditSetup":
-        """The committed sweep: every budget of ``FULL_BUDGETS``, 10 seeds."""
-        return cls(**{"budgets": FULL_BUDGETS, "n_seeds": 10, **changes})
+        """The committed sweep: every budget of ``FULL_BUDGETS``, 20 runs per method, 100 at the headline budget."""
+        return cls(**{"budgets": FULL_BUDGETS, "n_seeds": 20, "headline_seeds": 100, **changes})
+
+    def seeds_at(self, budget: int) -> int:
+        """Runs per method at ``budget``."""
+        return self.headline_seeds if (budget == self.headline_budget and self.headline_seeds) else self.n_seeds
 
 
 def plan_budget(method: BanditMethod, budget: int, steps: int, pairs_per_prompt: int) -> dict:
@@ -167,10 +175,6 @@ def plan_budget(method: BanditMethod, budget: int, steps: int, pairs_per_prompt:
         reuse_steps = math.ceil(steps / target)
         rounds = math.ceil(steps / reuse_steps)
     return dict(offline_pairs=offline, online_pairs=online, rounds=rounds, reuse_steps=reuse_steps)
-
-
-def mean_std(values) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _changed_fields(config: SAILConfig) -> dict:
@@ -210,7 +214,7 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
         for name, method in methods.items():
             plan = plan_budget(method, budget, setup.steps, setup.pairs_per_prompt)
             start = time.perf_counter()
-            history = train_sampled(bandit, method.config, n_seeds=setup.n_seeds, steps=setup.steps,
+            history = train_sampled(bandit, method.config, n_seeds=setup.seeds_at(budget), steps=setup.steps,
                                     pairs_per_prompt=setup.pairs_per_prompt, lr=setup.lr, eval_every=setup.eval_every,
                                     offline_pairs_per_prompt=plan["offline_pairs"],
                                     online_pairs_per_prompt=plan["online_pairs"], reuse_steps=plan["reuse_steps"])
@@ -218,8 +222,11 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
             entry = {"config": _changed_fields(method.config), "self_labels": method.config.self_labels, "control": method.control,
                      "plan": plan, "labels_spent": history["labels_per_prompt"],
                      "optimizer_steps": history["optimizer_steps"], "rounds": history["rounds"],
-                     "skipped_steps": sum(history["skipped_steps"]), "clipped_weights": history["clipped_weights"],
-                     "final": {key: mean_std(v) for key, v in per_seed.items()}, "final_per_seed": per_seed,
+                     "skipped_steps": sum(history["skipped_steps"]), "skipped_per_seed": history["skipped_steps"],
+                     "clipped_weights": history["clipped_weights"], "weighted_pair_steps": _weighted_pair_steps(
+                         method.config, plan, setup.steps, setup.pairs_per_prompt, setup.n_prompts, setup.seeds_at(budget)),
+                     "clip_bias": _clip_bias(history),
+                     "final": {key: mean_sd(v) for key, v in per_seed.items()}, "final_per_seed": per_seed,
                      "seconds": time.perf_counter() - start}
             if budget == headline:
                 entry["history"] = history
@@ -230,82 +237,169 @@ def run_bandit_comparison(setup: BanditSetup = BanditSetup(), progress=None) -> 
     return results
 
 
-def control_difference(results: dict, name: str, budget=None, key="kl_opt") -> tuple[float, float]:
-    """Mean and std over seeds of (method - its control) in ``key``, paired by seed."""
+def _weighted_pair_steps(config, plan, steps, pairs_per_prompt, n_prompts, seeds) -> int:
+    """How many importance weights a run set computes: reused oracle-labelled pairs x steps x prompts x runs."""
+    if plan["reuse_steps"] <= 1 or not plan["online_pairs"]:
+        return 0
+    return route_counts(config.route_probs, pairs_per_prompt)[3] * steps * n_prompts * seeds
+
+
+def _clip_bias(history) -> dict | None:
+    """The clip's bias on the exact expected response term, relative to the term (``bandit.clip_bias``): summed
+    over the run's steps, then over runs (``relative``), and per run (``per_seed``); None without a weighted term."""
+    size = history["response_term_size"]
+    if not any(size):
+        return None
+    return {"relative": sum(history["clip_bias"]) / sum(size),
+            "per_seed": [b / s for b, s in zip(history["clip_bias"], size)]}
+
+
+def per_seed(results: dict, name: str, budget=None, key="kl_opt") -> list[float]:
+    """Final ``key`` of every run of ``name`` at ``budget`` (default: the headline)."""
+    return results["by_budget"][str(budget or results["headline_budget"])][name]["final_per_seed"][key]
+
+
+def control_difference(results: dict, name: str, budget=None, key="kl_opt") -> Paired:
+    """``name`` minus its control in final ``key``, paired by seed (``findings.paired``: difference, SE, n, verdict)."""
     block = results["by_budget"][str(budget or results["headline_budget"])]
-    a, b = block[name]["final_per_seed"][key], block[block[name]["control"]]["final_per_seed"][key]
-    return mean_std([x - y for x, y in zip(a, b)])
+    return paired(per_seed(results, name, budget, key), per_seed(results, block[name]["control"], budget, key))
+
+
+CLIP_BIAS_MARK = 0.10
+"""A point whose exact expected response term the clip moves by more than this share of itself is marked."""
+
+
+def clip_marked(results: dict, name: str, budget) -> bool:
+    """Is the clip's bias on ``name``'s response term at ``budget`` above ``CLIP_BIAS_MARK``?"""
+    bias = results["by_budget"][str(budget)][name].get("clip_bias")
+    return bool(bias) and bias["relative"] > CLIP_BIAS_MARK
+
+
+def _n_runs(results: dict, budget) -> int:
+    return len(next(iter(results["by_budget"][str(budget)].values()))["final_per_seed"]["kl_opt"])
 
 
 NAME_WIDTH = 44
 """width of the method column of the text tables"""
 
+SKIP_NOTE = ("skip: steps per run skipped because the gradient was not finite (weights and Adam state unchanged). The "
+             "public-code term divides by log pi(y), which reaches 0 as the policy collapses onto one response, so its "
+             "1/l factor blows up: such a run trains on the remaining steps only")
+
 
 def format_table(results: dict, budget=None) -> str:
-    """A plain-text table per budget: labels spent, steps, KL(pi || pi*) (the headline), true
-    reward, KL(pi || pi_ref), and each variant's paired difference to its control (the row below
-    it), mean +- std over seeds. ``budget``: one budget only (default: all of them)."""
+    """A plain-text table per budget: labels spent, the data/online split, rounds, KL(pi || pi*) (the headline),
+    true reward and KL(pi || pi_ref) as mean ± SD over runs, steps skipped per run, the clip's bias on the
+    response term; then each variant minus its control, paired by seed, with the verdict of ``findings``."""
     budgets = [str(budget)] if budget is not None else list(results["by_budget"])
-    setup, n = results["setup"], results["setup"]["n_seeds"]
+    setup = results["setup"]
     head = (f"{'method':{NAME_WIDTH}s} {'labels':>6s} {'data+online':>11s} {'rounds x reuse':>14s} {'KL(pi||pi*)':>15s} "
-            f"{'true reward':>15s} {'KL(pi||pi_ref)':>15s} {'dKL vs control':>15s} {'dreward vs ctrl':>15s} {'skip':>5s}")
+            f"{'true reward':>15s} {'KL(pi||pi_ref)':>15s} {'skip/run':>8s} {'clip bias':>9s}")
     width = len(head)
     lines = []
     for b in budgets:
+        n = _n_runs(results, b)
         lines += [f"== {b} oracle labels per prompt, {setup['steps']} optimiser steps of {setup['pairs_per_prompt']} "
-                  f"pairs per prompt, every method ==", head, "-" * width]
+                  f"pairs per prompt, {n} runs per method ==", head, "-" * width]
         for name, res in results["by_budget"][b].items():
-            cells = [f"{m:6.3f} +- {s:5.3f}" for m, s in (res["final"][k] for k in ("kl_opt", "reward", "kl_ref"))]
-            if res["control"]:
-                cells += [f"{m:+6.3f} +- {s:5.3f}" for m, s in
-                          (control_difference(results, name, b, key) for key in ("kl_opt", "reward"))]
-            else:
-                cells += ["", ""]
+            cells = [f"{m:6.3f} ± {s:5.3f}" for m, s in (mean_sd(res["final_per_seed"][k]) for k in ("kl_opt", "reward", "kl_ref"))]
             plan = res["plan"]
             split = f"{2 * plan['offline_pairs']}+{2 * plan['online_pairs']}"
             rounds = f"{res['rounds']} x {plan['reuse_steps']}" if res["rounds"] else "-"
+            bias = res.get("clip_bias")
+            clip = "" if not bias else f"{bias['relative']:.1%}" + ("*" if clip_marked(results, name, b) else "")
             lines.append(f"{name:{NAME_WIDTH}s} {res['labels_spent']:6d} {split:>11s} {rounds:>14s} {cells[0]:>15s} {cells[1]:>15s} "
-                         f"{cells[2]:>15s} {cells[3]:>15s} {cells[4]:>15s} {res['skipped_steps']:5d}")
+                         f"{cells[2]:>15s} {res['skipped_steps'] / n:8.1f} {clip:>9s}")
         lines.append("-" * width)
+        for key, title in (("kl_opt", "dKL(pi||pi*)"), ("reward", "dreward")):
+            comparisons = {f"{name} - control": control_difference(results, name, b, key)
+                           for name, res in results["by_budget"][b].items() if res["control"]}
+            lines += [format_paired_table(comparisons, title), ""]
     for name, reward, kl_ref, kl_opt in (("pi_ref", results["reference_reward"], 0.0, results["reference_kl_opt"]),
                                          ("pi* (closed form)", results["optimal_reward"], results["optimal_kl_ref"], 0.0)):
-        lines.append(f"{name:{NAME_WIDTH}s} {'':6s} {'':11s} {'':14s} {kl_opt:6.3f}{'':9s} {reward:6.3f}{'':9s} {kl_ref:6.3f}")
-    lines.append(f"(mean +- std over {n} seeds; labels: oracle labels per prompt spent, 2 per judged pair, dataset "
-                 f"included; d... vs control: the method minus its control, paired by seed; a control is the same "
-                 f"routing with the extra terms off, listed right below its variant (the response sweep's is online DPO))")
+        lines.append(f"{name:{NAME_WIDTH}s} KL(pi||pi*) {kl_opt:6.3f}   true reward {reward:6.3f}   KL(pi||pi_ref) {kl_ref:6.3f}")
+    lines += [f"(mean ± SD over runs; labels: oracle labels per prompt spent, 2 per judged pair, dataset included; a "
+              f"control is the same routing with the extra terms off, listed right below its variant (the response "
+              f"sweep's is online DPO); variant - control: paired by seed, ± its SE, verdict at {THRESHOLD_SE:g} SE "
+              f"(sail_min.lab.findings); clip bias: the clip's bias on the exact expected response term, relative to "
+              f"the term, over the run (bandit.clip_bias); * = above {CLIP_BIAS_MARK:.0%}: the point says more about "
+              f"the clip than about the method)", SKIP_NOTE]
     return "\n".join(lines)
 
 
 def format_summary(results: dict, methods=None, budget=None) -> str:
-    """A narrow table at one budget (default: the headline): KL(pi || pi*), true reward, and each variant's
-    paired difference in KL(pi || pi*) to its control, mean +- standard error over seeds."""
+    """One budget (default: the headline): KL(pi || pi*) and true reward per method (mean, SD, n), then each
+    variant minus its control in KL(pi || pi*), paired by seed, with its verdict (``findings``)."""
     budget = str(budget or results["headline_budget"])
     block = results["by_budget"][budget]
-    n = results["setup"]["n_seeds"]
-    lines = [f"{'method':{NAME_WIDTH}s} {'KL(pi||pi*)':>15s} {'true reward':>15s} {'dKL vs control (SE)':>20s}"]
-    for name in methods or list(block):
-        res = block[name]
-        cells = [f"{m:6.3f} +- {s:5.3f}" for m, s in (res["final"][k] for k in ("kl_opt", "reward"))]
-        diff = ""
-        if res["control"]:
-            d, sd = control_difference(results, name, budget)
-            diff = f"{d:+6.3f} +- {sd / n ** 0.5:5.3f}"
-        lines.append(f"{name:{NAME_WIDTH}s} {cells[0]:>15s} {cells[1]:>15s} {diff:>20s}")
-    lines.append(f"(budget {budget} oracle labels per prompt; mean +- std over {n} seeds; the difference to the control "
-                 f"is paired by seed, +- its standard error)")
-    return "\n".join(lines)
+    names = methods or list(block)
+    kl_table = format_runs_table({name: block[name]["final_per_seed"]["kl_opt"] for name in names}, "KL(pi||pi*)")
+    reward_table = format_runs_table({name: block[name]["final_per_seed"]["reward"] for name in names}, "true reward")
+    comparisons = {f"{name} - control": control_difference(results, name, budget)
+                   for name in names if block[name]["control"]}
+    return "\n".join([f"budget {budget} oracle labels per prompt", kl_table, "", reward_table, "",
+                      format_paired_table(comparisons, "dKL(pi||pi*)")])
 
 
 def format_budget_table(results: dict, methods=None, key="kl_opt") -> str:
-    """One row per method, one column per budget: the mean (and std) of ``key`` over seeds."""
+    """One row per method, one column per budget: mean ± SD of ``key`` over runs (n per budget in the header)."""
     methods = methods or list(results["methods"])
     budgets = list(results["by_budget"])
     label = {"kl_opt": "KL(pi||pi*)", "reward": "true reward", "kl_ref": "KL(pi||pi_ref)"}[key]
-    lines = [f"{label + ' at a budget of (oracle labels per prompt)':44s}" + "".join(f"{b:>16s}" for b in budgets)]
+    lines = [f"{label + ' at a budget of (labels per prompt)':44s}" + "".join(f"{b:>16s}" for b in budgets),
+             f"{'runs per method':44s}" + "".join(f"{_n_runs(results, b):>16d}" for b in budgets)]
     for name in methods:
-        cells = [results["by_budget"][b][name]["final"][key] for b in budgets]
-        lines.append(f"{name:44s}" + "".join(f"{f'{m:.3f} +- {s:.3f}':>16s}" for m, s in cells))
+        cells = [mean_sd(results["by_budget"][b][name]["final_per_seed"][key]) for b in budgets]
+        lines.append(f"{name:44s}" + "".join(f"{f'{m:.3f} ± {s:.3f}':>16s}" for m, s in cells))
     return "\n".join(lines)
+
+
+CONTROL_TABLE_FIRST = ("SAIL-PR", "SAIL-PP", "SAIL-PP (label averaged out)", "SAIL-DP", "SAIL-DP (label averaged out)")
+"""The variants ``format_control_table`` lists first."""
+
+
+def format_control_table(results: dict, names=None, key="kl_opt") -> str:
+    """Each variant minus its control in ``key`` at every budget, paired by seed: difference ± SE and the verdict
+    of ``findings`` (n per budget in the header); a point the clip biases (``clip_marked``) carries "(clip)"."""
+    budgets = list(results["by_budget"])
+    if names is None:                        # the SAIL variants first (README quotes them), then the other variants
+        variants = [n for n, e in results["methods"].items() if e["control"]]
+        names = [n for n in CONTROL_TABLE_FIRST if n in variants] + [n for n in variants if n not in CONTROL_TABLE_FIRST]
+    lines = []
+    for name in names:
+        lines.append(f"{name} - {results['methods'][name]['control']}  ({key}, paired by seed)")
+        for b in budgets:
+            mark = "  (clip)" if clip_marked(results, name, b) else ""
+            lines.append(f"  {b:>5s} labels: {control_difference(results, name, b, key)}{mark}")
+    return "\n".join(lines)
+
+
+def summary_text(results: dict) -> str:
+    """What ``python -m sail_min bandit`` prints and ``write_results`` writes to bandit_table.txt: the headline
+    summary (``format_summary``, quoted by the README), the table per budget (``format_table``), and with several budgets the KL and reward of each method across budgets and each
+    variant minus its control across budgets, every comparison with its computed verdict."""
+    parts = [format_summary(results), format_table(results)]
+    if len(results["by_budget"]) > 1:
+        parts += [format_budget_table(results), format_budget_table(results, key="reward"), format_control_table(results),
+                  format_method_comparisons(results)]
+    return "\n\n".join(parts) + "\n"
+
+
+DPO_COMPARISONS = (("online DPO", "offline DPO"), ("iterative DPO (4 rounds)", "offline DPO"),
+                   ("iterative DPO (4 rounds)", "online DPO"), ("SAIL-PR control (gamma=0)", "iterative DPO (4 rounds)"))
+
+
+def format_method_comparisons(results: dict, pairs=DPO_COMPARISONS, key="kl_opt") -> str:
+    """Method minus method in ``key`` at every budget but the first (``compare_methods``, unpaired, with verdicts)."""
+    budgets = list(results["by_budget"])[1:]
+    return "\n".join(f"{a} - {b} at {n} labels: {compare_methods(results, a, b, n, key)}" for a, b in pairs
+                     for n in budgets if a in results["by_budget"][n] and b in results["by_budget"][n])
+
+
+def compare_methods(results: dict, a: str, b: str, budget=None, key="kl_opt") -> Paired:
+    """Method ``a`` minus method ``b`` (runs of different methods share only their seed index, not a control's
+    dataset: an unpaired ``findings.difference_of_means``)."""
+    return difference_of_means(per_seed(results, a, budget, key), per_seed(results, b, budget, key))
 
 
 PANELS = [("kl_opt", "KL(pi || pi*) (nats, lower is better)"), ("reward", "true reward E[r*] (reward units)"),
@@ -327,7 +421,7 @@ def curve_groups(results: dict, methods=None) -> list[tuple[str, list[str]]]:
 
 def plot_bandit_comparison(results: dict, methods=None, path=None, key="kl_opt"):
     """KL(pi || pi*) (or ``key``) against the optimiser step at the headline budget, one panel per
-    control with its variants (``curve_groups``): mean line, +- std band over seeds."""
+    control with its variants (``curve_groups``): mean line, ± SD band over runs."""
     import matplotlib.pyplot as plt
 
     groups = curve_groups(results, methods)
@@ -340,7 +434,7 @@ def plot_bandit_comparison(results: dict, methods=None, path=None, key="kl_opt")
     for ax, (title, names) in zip(axes.flat, groups):
         for i, name in enumerate(names):
             hist = results["methods"][name]["history"]
-            stats = [mean_std(v) for v in hist[key]]
+            stats = [mean_sd(v) for v in hist[key]]
             ax.plot(hist["step"], [m for m, _ in stats], color=f"C{i}", ls="--" if i == 0 and title != "DPO baselines"
                     else "-", label=name)
             ax.fill_between(hist["step"], [m - s for m, s in stats], [m + s for m, s in stats], color=f"C{i}", alpha=0.15)
@@ -351,7 +445,8 @@ def plot_bandit_comparison(results: dict, methods=None, path=None, key="kl_opt")
         row[0].set_ylabel(label)
     axes[0][0].set_yscale("log" if key == "kl_opt" else "linear")
     fig.suptitle(f"bandit, {results['headline_budget']} oracle labels per prompt: mean over "
-                 f"{results['setup']['n_seeds']} seeds, band = +- 1 std; each SAIL variant beside its control (dashed)",
+                 f"{_n_runs(results, results['headline_budget'])} runs, band = ± 1 SD; each SAIL variant beside its "
+                 f"control (dashed)",
                  y=1.03, fontsize=10)
     fig.tight_layout()
     if path:
@@ -359,23 +454,31 @@ def plot_bandit_comparison(results: dict, methods=None, path=None, key="kl_opt")
     return fig
 
 
-def plot_control_differences(results: dict, budget=None, ax=None):
-    """Dot plot: each variant minus its control in final KL(pi || pi*), paired by seed, +- 1 standard error."""
+OFF_SCALE = ("SAIL-PR (public-code term)",)
+"""Variants whose difference to the control is tens of times the others': printed beside the dot plot, not on it."""
+
+
+def plot_control_differences(results: dict, budget=None, ax=None, off_scale=OFF_SCALE):
+    """Dot plot: each variant minus its control in final KL(pi || pi*), paired by seed, ± 1 SE. Variants in
+    ``off_scale`` would squash the axis: their value is written in the title instead."""
     import matplotlib.pyplot as plt
 
     budget = str(budget or results["headline_budget"])
-    block, n = results["by_budget"][budget], results["setup"]["n_seeds"]
-    names = [name for name, res in block.items() if res["control"]]
+    block, n = results["by_budget"][budget], _n_runs(results, budget)
+    names = [name for name, res in block.items() if res["control"] and name not in off_scale]
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 0.35 * len(names) + 1))
     stats = [control_difference(results, name, budget) for name in names]
-    ax.errorbar([d for d, _ in stats], range(len(names)), xerr=[sd / n ** 0.5 for _, sd in stats], fmt="o",
-                capsize=3, label="variant - control, +- 1 SE")
+    ax.errorbar([p.difference for p in stats], range(len(names)), xerr=[p.standard_error for p in stats], fmt="o",
+                capsize=3, label="variant - control, ± 1 SE")
     ax.axvline(0, color="k", lw=1, label="no difference")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("change in final KL(pi || pi*) vs its control (nats; > 0 = further from pi*)")
-    ax.set_title(f"{budget} oracle labels per prompt, {n} seeds (paired by seed)", fontsize=9)
+    hidden = "; ".join(f"off scale: {name} {control_difference(results, name, budget).difference:+.2f}"
+                       for name in off_scale if name in block)
+    ax.set_title(f"{budget} oracle labels per prompt, {n} runs each (paired by seed)" + (f"\n{hidden}" if hidden else ""),
+                 fontsize=9)
     ax.legend(fontsize=7)
     return ax.figure
 
@@ -426,7 +529,6 @@ def plot_budgets(results: dict, methods=None, path=None):
     _mark_optimum_and_reference(top[1], results)
     top[0].legend(fontsize=8)
     top[1].legend(fontsize=8)
-    n = results["setup"]["n_seeds"]
     for col, (title, variants) in enumerate(CONTROL_PANELS):
         variants = [v for v in variants if v in results["methods"]]
         if not variants:
@@ -434,8 +536,8 @@ def plot_budgets(results: dict, methods=None, path=None):
         ax = fig.add_subplot(grid[1, 2 * col: 2 * col + 2])
         for i, name in enumerate(variants):
             stats = [control_difference(results, name, b) for b in budgets]
-            ax.errorbar([b * (1.0 + 0.06 * (i - 0.5)) for b in budgets], [d for d, _ in stats],
-                        yerr=[sd / n ** 0.5 for _, sd in stats], marker="o", ms=4, capsize=2, color=f"C{3 + i}",
+            ax.errorbar([b * (1.0 + 0.06 * (i - 0.5)) for b in budgets], [p.difference for p in stats],
+                        yerr=[p.standard_error for p in stats], marker="o", ms=4, capsize=2, color=f"C{3 + i}",
                         label=f"{name} - its control")
         ax.axhline(0, color="k", lw=1, label="no difference")
         _budget_axis(ax, budgets)
@@ -443,7 +545,8 @@ def plot_budgets(results: dict, methods=None, path=None):
         ax.set_title(f"{title}: variant - control, paired by seed, +- 1 SE", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"bandit at equal label budgets: every method spends the budget in {results['setup']['steps']} "
-                 f"optimiser steps; mean +- std over {results['setup']['n_seeds']} seeds", y=1.0)
+                 f"optimiser steps; mean ± SD over runs ({', '.join(str(_n_runs(results, b)) for b in budgets)} "
+                 f"per budget)", y=1.0)
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -462,8 +565,8 @@ def _rounded(value):
 
 
 def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write bandit_results.json and bandit_comparison.png (curves at the headline budget) to
-    ``out``; with several budgets also bandit_budgets.png. Returns the first two paths."""
+    """Write bandit_results.json, bandit_table.txt (``summary_text``) and bandit_comparison.png (curves at the
+    headline budget) to ``out``; with several budgets also bandit_budgets.png. Returns the json and png paths."""
     import matplotlib.pyplot as plt
 
     out = Path(out)
@@ -477,6 +580,7 @@ def write_results(results: dict, out: str | Path) -> tuple[Path, Path]:
     # a list of numbers on one line (curves and per-seed values): a readable file a third of the size
     text = re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
     json_path.write_text(text)
+    (out / "bandit_table.txt").write_text(summary_text(read_results(json_path)))   # the numbers as stored
     plt.close(plot_bandit_comparison(results, path=png_path))
     if len(results["by_budget"]) > 1:
         plt.close(plot_budgets(results, path=out / "bandit_budgets.png"))

@@ -14,7 +14,7 @@ and its verdict word is decided at ONE threshold, ``THRESHOLD_SE`` standard erro
 
 A verdict is about the runs that were made: "level" does not say the methods are equal, only that n runs do not
 resolve a difference of that size; "above" says nothing about other tasks, budgets or settings. Markdown and
-prose never type these words about a measured number (``tests/test_findings.py`` lints them); they print
+prose never type these words about a measured number (``tests/test_verdict_words.py`` lints them); they print
 ``str(paired(...))`` or quote it.
 """
 from __future__ import annotations

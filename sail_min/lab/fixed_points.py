@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -191,30 +192,76 @@ def coverage(problem: dict, ref_scales=(2.0, 0.0)) -> list[dict]:
     return out
 
 
+DECOMPOSITION_ARMS = {
+    "reused, weighted": "the comparison's runs: label rounds reused, response term importance-weighted",
+    "reused, unweighted": "the same rounds, response term unweighted (the old harness; SAIL-PR only)",
+    "fresh": "fresh oracle-labelled pairs every step: no reuse, but more labels than the budget",
+    "4 rounds, weighted": "the budget's labels in 4 rounds of 125 steps (as iterative DPO) instead of 30 of 17",
+}
+"""The runs of ``decompose_gap``, each for SAIL-PR and its control (same seeds, same datasets)."""
+
+
 def decompose_gap(setup, seeds: int | None = None) -> dict:
-    """SAIL-PR minus its control in final KL(pi || pi*) at the headline budget, run four ways (per seed):
-    as compared (label rounds reused, importance-weighted response term), the same unweighted (the old
-    harness), and with fresh oracle-labelled pairs every step (more labels: the same steps, no reuse)."""
+    """SAIL-PR and its control at the headline budget, run the ways of ``DECOMPOSITION_ARMS`` (final
+    KL(pi || pi*) per seed; seeds default to the setup's headline seeds): the arms that notebook 02 splits
+    SAIL-PR's gap into parts with, each part a paired difference with its own SE. Only "fresh" spends more labels
+    than the budget (it isolates sampling noise from the budget); staleness is measured at the budget's labels,
+    by moving the same labels into fewer, longer rounds."""
     from .bandit_comparison import BANDIT_METHODS, plan_budget
     from .bandit import route_counts, train_sampled
 
     bandit = make_bandit(setup.n_prompts, setup.n_responses, setup.beta, setup.ref_scale, setup.problem_seed)
+    seeds = seeds or setup.seeds_at(setup.headline_budget)
     runs = {}
     for name in ("SAIL-PR", "SAIL-PR control (gamma=0)"):
         method = BANDIT_METHODS[name]
         plan = plan_budget(method, setup.headline_budget, setup.steps, setup.pairs_per_prompt)
+        long_rounds = plan_budget(replace(method, rounds=4), setup.headline_budget, setup.steps, setup.pairs_per_prompt)
         per_step = route_counts(method.config.route_probs, setup.pairs_per_prompt)[3]
-        common = dict(n_seeds=seeds or setup.n_seeds, steps=setup.steps, pairs_per_prompt=setup.pairs_per_prompt,
+        common = dict(n_seeds=seeds, steps=setup.steps, pairs_per_prompt=setup.pairs_per_prompt,
                       lr=setup.lr, eval_every=setup.steps, offline_pairs_per_prompt=plan["offline_pairs"])
-        variants = {"reused, weighted": dict(online_pairs_per_prompt=plan["online_pairs"], reuse_steps=plan["reuse_steps"]),
-                    "reused, unweighted": dict(online_pairs_per_prompt=plan["online_pairs"],
-                                               reuse_steps=plan["reuse_steps"], importance_weighting=False),
-                    "fresh": dict(online_pairs_per_prompt=per_step * setup.steps, reuse_steps=1)}
-        for how, kwargs in variants.items():
+        arms = {"reused, weighted": dict(online_pairs_per_prompt=plan["online_pairs"], reuse_steps=plan["reuse_steps"]),
+                "reused, unweighted": dict(online_pairs_per_prompt=plan["online_pairs"],
+                                           reuse_steps=plan["reuse_steps"], importance_weighting=False),
+                "fresh": dict(online_pairs_per_prompt=per_step * setup.steps, reuse_steps=1),
+                "4 rounds, weighted": dict(online_pairs_per_prompt=long_rounds["online_pairs"],
+                                           reuse_steps=long_rounds["reuse_steps"])}
+        for how, kwargs in arms.items():
             if how == "reused, unweighted" and name != "SAIL-PR":
                 continue                                  # gamma = 0: no response term to weight
             runs[f"{name}, {how}"] = train_sampled(bandit, method.config, **common, **kwargs)["kl_opt"][-1]
-    return {"budget": setup.headline_budget, "final_kl_opt": runs}
+    return {"budget": setup.headline_budget, "seeds": seeds, "arms": DECOMPOSITION_ARMS, "final_kl_opt": runs}
+
+
+def decomposition_parts(decomposition: dict, fixed_point_bias: float) -> dict:
+    """The parts of SAIL-PR's gap to its control from ``decompose_gap``'s runs, each a ``findings.Paired`` of
+    per-seed gaps (SAIL-PR minus its control, the same seed): "gap" (as compared), "sampling" (fresh pairs every
+    step, minus the exact ``fixed_point_bias``), "label reuse" (as compared minus fresh); gap = bias + sampling +
+    label reuse exactly. Beside them, at the same labels: "staleness" (4 rounds minus the comparison's rounds) and
+    "unweighted term" (SAIL-PR with the response term unweighted minus weighted)."""
+    from .findings import paired
+
+    runs, control = decomposition["final_kl_opt"], "SAIL-PR control (gamma=0)"
+
+    def gaps(how):
+        return [a - b for a, b in zip(runs[f"SAIL-PR, {how}"], runs[f"{control}, {how}"])]
+
+    fresh = gaps("fresh")
+    return {"gap": paired(runs["SAIL-PR, reused, weighted"], runs[f"{control}, reused, weighted"]),
+            "sampling": paired(fresh, [fixed_point_bias] * len(fresh)),
+            "label reuse": paired(gaps("reused, weighted"), fresh),
+            "staleness": paired(gaps("4 rounds, weighted"), gaps("reused, weighted")),
+            "unweighted term": paired(runs["SAIL-PR, reused, unweighted"], runs["SAIL-PR, reused, weighted"])}
+
+
+def format_decomposition(parts: dict, fixed_point_bias: float) -> str:
+    """``decomposition_parts`` as printed by notebook 02 and quoted by the README."""
+    rows = [("gap SAIL-PR - control", parts["gap"]), ("  fixed-point bias (exact)", f"{fixed_point_bias:+.3f}"),
+            ("  sampling (fresh pairs every step)", parts["sampling"]),
+            ("  the budget's label reuse", parts["label reuse"]),
+            ("staleness at equal labels (4 vs 30 rounds)", parts["staleness"]),
+            ("old unweighted term (unweighted - weighted)", parts["unweighted term"])]
+    return "\n".join(f"{name:44s} {value}" for name, value in rows)
 
 
 PARTS = ("presets", "sweeps", "coverage", "argmax", "decomposition")
