@@ -22,13 +22,11 @@ DEFAULT_PRESET = next(name for name, fields in PRESETS.items() if not fields)   
 
 
 def _compare(args) -> int:
-    from .lab.compare import format_table, write_results
-    from .lab.experiments import main_job
-    from .lab.sentiment import REWARD_LABEL
-
     from .checkpoint import CheckpointError
     from .cli import UserError
-    from .lab.compare import IncompleteRun
+    from .lab.compare import IncompleteRun, write_results
+    from .lab.experiments import main_job, report
+    from .lab.sentiment import REWARD_LABEL
 
     start = time.perf_counter()
     if args.full:
@@ -38,7 +36,7 @@ def _compare(args) -> int:
                            resume=args.resume, progress=not args.quick)
     except (CheckpointError, IncompleteRun) as error:      # --resume over a folder that does not fit
         raise UserError(str(error)) from None
-    print(format_table(results, labels_column="judge_queries", labels_title="judge queries"))
+    print(report(results))
     paths = write_results(results, args.out, REWARD_LABEL)
     print(f"wrote {', '.join(map(str, paths))} and per-run metrics.jsonl under {args.out} "
           f"in {time.perf_counter() - start:.0f} s")
@@ -46,28 +44,21 @@ def _compare(args) -> int:
 
 
 def _compare_full(args, start: float) -> int:
-    """--full: every method at 3 learning rates (each reported at its best) and at 3 betas (the frontier)."""
+    """--full: every method at 3 learning rates (each reported at its best), at 3 betas (the frontier) and
+    offline vs online DPO at 4 judge budgets; writes results_full.json and frontier.png."""
     import json
     from pathlib import Path
 
-    from .lab.compare import format_table, plot_frontier, write_results
-    from .lab.experiments import full_job
+    from .lab.compare import plot_frontier
+    from .lab.experiments import full_job, full_report
     from .lab.sentiment import REWARD_LABEL
 
     results = full_job(args.out, seeds=args.seeds or 5, progress=False)
-    print("each method at its best learning rate:")
-    print(format_table(results["best_lr"], labels_column="judge_queries", labels_title="judge queries"))
-    for name, by_beta in results["by_beta"].items():
-        print(f"\n{name}:")
-        print(format_table(by_beta, labels_column="judge_queries", labels_title="judge queries"))
-    for name, by_budget in results["by_budget"].items():
-        print(f"\njudge budget {name}:")
-        print(format_table(by_budget, labels_column="judge_queries", labels_title="judge queries"))
-    paths = write_results(results["best_lr"], args.out, REWARD_LABEL)
+    print(full_report(results))
     full_path = Path(args.out) / "results_full.json"
     full_path.write_text(json.dumps(results, indent=1))
     frontier = plot_frontier(results["by_beta"], REWARD_LABEL, Path(args.out) / "frontier.png")
-    print(f"wrote {', '.join(map(str, [*paths, full_path, frontier]))} in {time.perf_counter() - start:.0f} s")
+    print(f"wrote {full_path}, {frontier} in {time.perf_counter() - start:.0f} s")
     return 0
 
 

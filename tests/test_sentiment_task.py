@@ -163,3 +163,27 @@ def test_importing_the_tasks_does_not_import_vader():
             "assert not any(m.startswith('vaderSentiment') for m in sys.modules), 'vader imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- judge budget
+def test_every_main_job_method_spends_the_same_expected_judge_budget_except_iterative_dpo():
+    """Expected loop queries (2 per judged pair: route_pr x rounds x pairs_per_step pairs, one round of pairs every
+    reuse_steps steps) plus 2 per
+    dataset pair the trimmed task leaves: the budget rule of task_for_method and judge_budget, without training."""
+    from sail_min.config import SAILConfig
+    from sail_min.lab.compare import method_name
+    from sail_min.lab.experiments import METHODS
+    from sail_min.lab.sentiment import judge_budget, sentiment_task, task_for_method
+
+    task, default = sentiment_task(), SAILConfig()
+    equal = 2 * default.steps * default.pairs_per_step
+    for method in METHODS:
+        label, preset, overrides = method_name(method)
+        config = SAILConfig.preset(preset, **overrides)
+        rounds = math.ceil(config.steps / config.reuse_steps)
+        expected_loop = 2 * config.route_pr * rounds * config.pairs_per_step
+        budget = judge_budget(config, expected_loop, len(task_for_method(task, config).preferences))
+        if label == "iterative-dpo":
+            assert budget == 2 * 11 * 16 == 352, label                # 11 labelled rounds of 16 pairs in 42 steps
+        else:
+            assert abs(budget - equal) <= 1, (label, budget)       # SAIL-PR: the expected pairs, rounded

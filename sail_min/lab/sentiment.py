@@ -248,19 +248,37 @@ def sentiment_task(root: str | Path | None = None):
     return Task(preferences, train_prompts, eval_prompts, files.judge, files.bt_temperature)
 
 
+DATASET_JUDGE_QUERIES_PER_PAIR = 2
+"""What building the offline dataset cost: the judge scored both responses of every pair (then a Bradley-Terry
+draw labelled it), the same 2 queries per pair that the loop's ``judge_queries`` counts for a pair it labels."""
+
+
+def reads_dataset(config) -> bool:
+    """Does a run of ``config`` train on dataset pairs (routes dpo or dp)?"""
+    return config.route_dpo + config.route_dp > 0
+
+
+def judge_budget(config, judge_queries: int, dataset_pairs: int) -> int:
+    """The judge queries a run cost on this task: the loop's ``judge_queries`` (2 per pair it labelled with the
+    judge) plus ``DATASET_JUDGE_QUERIES_PER_PAIR`` per dataset pair it can read (``dataset_pairs``, after
+    ``task_for_method`` trimmed the dataset), when it reads the dataset at all."""
+    return judge_queries + (DATASET_JUDGE_QUERIES_PER_PAIR * dataset_pairs if reads_dataset(config) else 0)
+
+
 def task_for_method(task, config):
     """This task's rules for one run:
 
-    - equal judge budget: building the offline dataset cost 2 judge queries per pair (672 pairs = 42 steps
-      x 16 pairs, as many queries as online DPO spends labelling its own samples). A method that mixes
-      dataset pairs with judge-labelled online pairs (SAIL-PR) gets only the first
-      ``dataset pairs - E[online judge pairs]`` dataset pairs, so every method spends the same expected budget;
+    - equal judge budget (``judge_budget``): building the offline dataset cost 2 judge queries per pair (672
+      pairs = 42 steps x 16 pairs, as many queries as online DPO spends labelling its own samples). A method
+      that mixes dataset pairs with judge-labelled online pairs (SAIL-PR) gets only the first
+      ``dataset pairs - E[online judge pairs]`` dataset pairs, so every method spends the same EXPECTED budget
+      (the number of online pairs a run draws is random: its realised budget varies by a few dozen queries);
     - the public code labels pairs by the reward model's argmax: its row gets argmax judge labels (the
       others draw Bradley-Terry labels at the temperature the dataset was labelled with)."""
     import dataclasses
     if config.response_mode == "public":
         task = dataclasses.replace(task, judge_temperature=None)
-    if config.route_pr == 0 or config.route_dpo + config.route_dp == 0:
+    if config.route_pr == 0 or not reads_dataset(config):
         return task
     online_pairs = round(config.route_pr * config.steps * config.pairs_per_step / config.reuse_steps)
     return dataclasses.replace(task, preferences=task.preferences[:max(1, len(task.preferences) - online_pairs)])
