@@ -138,7 +138,9 @@ The run's settings (a SAILConfig), later sources winning:
   SAILConfig defaults < --config FILE.json < --preset < --set FIELD=VALUE (in order) < --steps, --seed, --out
 --preset over --config replaces the config's routes and coefficients; without --preset and --config the run takes
 SAILConfig's defaults (offline DPO).
-Mistakes in arguments or files end with one line `error: ...` on stderr and exit status 2."""
+Mistakes in arguments or files end with one line `error: ...` on stderr and exit status 2; so does a run that
+ends early (its judge fails, a disk refuses a write, Ctrl-C), with the last checkpoint kept and the command that
+goes on from it. A --out that holds a run is refused unless --resume (continue it) or --overwrite (replace it)."""
 
 
 def _add_train_parser(commands) -> None:
@@ -179,10 +181,14 @@ def _add_train_parser(commands) -> None:
     run.add_argument("--seed", type=int, default=None, metavar="N",
                      help=f"seed of every random choice (default: the config's, else SAILConfig's: {defaults.seed})")
     run.add_argument("--out", default=None, metavar="DIR",
-                     help=f"output folder: config.json, metrics.jsonl, checkpoint.pt (default: --config's "
-                          f"output_dir, else SAILConfig's: {defaults.output_dir})")
+                     help=f"output folder: config.json, metrics.jsonl, checkpoint.pt (with --resume: --config's "
+                          f"output_dir; a new run from a --config that names another output_dir needs --out; "
+                          f"default: SAILConfig's: {defaults.output_dir})")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoint in --out (same settings; --steps may grow)")
+                     help="continue from the checkpoint in --out (same settings, data and model; --steps may grow)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out (its checkpoint, metrics and config); without it a folder that "
+                          "holds a run is refused")
     run.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads per process (default 1)")
     logging = one.add_argument_group("logging")
     logging.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
@@ -226,7 +232,8 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]                             # bare `python -m sail_min [--quick ...]`
     args = parser.parse_args(argv)
-    from .cli import UserError
+    args.argv = argv                                          # the command, for the resume hint
+    from .cli import UserError, report
     try:
         for name in ("seeds", "steps", "threads", "lora_rank"):
             value = getattr(args, name, None)
@@ -237,8 +244,10 @@ def main(argv=None) -> int:
             return check_main()
         return {"compare": _compare, "train": _train, "bandit": _bandit, "fixed-points": _fixed_points}[args.command](args)
     except UserError as error:            # the user's mistake: one line; anything else keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report(error)
+    except KeyboardInterrupt:             # Ctrl-C outside a training loop (which says more: cli.run_train)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ class StepResult:
     """the loss was finite on every process"""
 
 
+class ProcessFailed(RuntimeError):
+    """Another process of the run failed (``Runtime.together``): its one-line message, its rank, and the kind of
+    error it raised (e.g. "JudgeError")."""
+
+    def __init__(self, message: str, rank: int, kind: str):
+        super().__init__(message)
+        self.rank, self.kind = rank, kind
+
+
 class Runtime:
     """How a run executes: ``Runtime(config)`` for one process, ``Runtime(config, accelerator)`` under
     ``accelerate launch``. Holds the config's runtime fields (precision, kernels, checkpointing, cache)."""
@@ -141,6 +150,30 @@ class Runtime:
             return finite
         total = self.accelerator.reduce(torch.tensor(float(finite), device=self.device), "sum")
         return bool(total == self.processes)
+
+    @contextmanager
+    def together(self):
+        """A block that every process enters: if it raises an ``Exception`` on one process, it raises on every
+        one, so no process waits forever in a collective of the next step. The failing process raises its own
+        error; the others raise ``ProcessFailed`` carrying the first failing process's one-line message. One
+        process: the block as it is. Several: one ``all_gather_object`` of the outcome at the block's end."""
+        try:
+            yield
+        except Exception as error:
+            if self.processes > 1:
+                self._outcomes(" ".join(str(error).split()) or type(error).__name__, type(error).__name__)
+            raise
+        else:
+            if self.processes > 1:
+                failed = self._outcomes(None, None)
+                if failed:
+                    rank, message, kind = failed[0]
+                    raise ProcessFailed(f"process {rank}: {message}", rank=rank, kind=kind)
+
+    def _outcomes(self, message, kind) -> list[tuple[int, str, str]]:
+        outcomes = [None] * self.processes
+        torch.distributed.all_gather_object(outcomes, (message, kind))
+        return [(rank, m, k) for rank, (m, k) in enumerate(outcomes) if m is not None]
 
     # ---- who does what -------------------------------------------------------------------------
     @property
