@@ -108,7 +108,8 @@ def save_checkpoint(path, *, model, optimizer, next_step: int, counters: dict, c
     except BaseException as error:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "Writer" in str(error)):
+        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and
+                                          ("inline_container" in str(error) or "Writer" in str(error))):
             # torch's zip writer turns a failed write (ENOSPC, EFBIG) into a RuntimeError without the reason
             reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
             raise CheckpointWriteError(f"{path}: the checkpoint could not be written ({reason}; "
@@ -185,7 +186,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                 f"It was not written by sail_min.checkpoint; do not resume from it, or load it "
                 f"yourself with weights_only=False only if you trust where it came from") from None
         raise _corrupt(path, error) from None
-    except OSError as error:            # permission, I/O error: the file may be fine
+    except OSError as error:            # permission, I/O error: the file may be fine (torch also raises
+        if _readable(path):             # OSError for some truncated files: those it reads are damaged)
+            raise _corrupt(path, error) from None
         raise CheckpointError(f"{path}: cannot be read ({error.strerror or _first_line(error)}); the file "
                               f"itself may be intact: fix access to it and resume again") from None
     except Exception as error:          # zip reader, EOF, bad magic number, a device it cannot map to, ...
@@ -208,6 +211,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: a sail_min checkpoint without {missing}: the file is damaged; "
                               f"start without resuming or restore it from a copy")
     return state
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
 
 
 def _corrupt(path: Path, error: Exception) -> CheckpointError:

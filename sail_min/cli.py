@@ -376,7 +376,7 @@ def run_train(args, toy_run=None, named_judges: dict | None = None) -> int:
     from .metrics import MetricsError
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # in peft
-    warnings.simplefilter("always", RuntimeWarning)       # the run's notices (dropped metrics lines, ...) all shown
+    show_notices(warnings)
     try:
         return _run_train(args, toy_run, named_judges)
     except CheckpointError as error:                  # names the file and says what to do
@@ -387,6 +387,24 @@ def run_train(args, toy_run=None, named_judges: dict | None = None) -> int:
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
         reason = error.strerror if error.strerror and where else _one_line(error)
         raise UserError(f"{where}{reason}") from None
+
+
+def show_notices(warnings) -> None:
+    """The run's own warnings (a dropped metrics line, lost metrics, a removed temporary file, a skipped step) as
+    one line each on stderr, every time: ``warning: ...``. Other packages' warnings keep Python's format."""
+    import sys
+
+    package = str(Path(__file__).resolve().parent)
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category is RuntimeWarning and str(Path(filename).resolve()).startswith(package):
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", RuntimeWarning)
 
 
 def _run_train(args, toy_run, named_judges) -> int:

@@ -475,7 +475,7 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> None:
         raise ValueError("resume=True and overwrite=True contradict each other: resume continues the run in "
                          "output_dir, overwrite replaces it")
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output_dir {out}: is a file, not a folder; choose a folder for the run's outputs")
+        raise NotADirectoryError(f"{out}: is a file, not a folder; choose a folder for the run's outputs (output_dir)")
     held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not resume and not overwrite:
         raise OutputExistsError(f"{out} holds a run ({', '.join(held)}); continue it with --resume (resume=True), "

@@ -56,3 +56,11 @@ def fails_on_process_1(prompts, responses):
     if os.environ.get("RANK") == "1" and CALLS["fails_on_process_1"] > 2 and not fixed:
         raise RuntimeError("judge service down on process 1")
     return word_count(prompts, responses)
+
+
+def interrupted(prompts, responses):
+    """Scores like word_count, except that its 5th call is where the user presses Ctrl-C."""
+    CALLS["interrupted"] = CALLS.get("interrupted", 0) + 1
+    if CALLS["interrupted"] == 5:
+        raise KeyboardInterrupt
+    return word_count(prompts, responses)

@@ -185,7 +185,7 @@ def test_changed_settings_and_other_models_are_refused_before_loading(tmp_path):
     take_step(model, optimizer)
     save_checkpoint(path, model=model, optimizer=optimizer, next_step=3, counters=COUNTERS, config=CONFIG)
     state = load_checkpoint(path)
-    assert set(RESUMABLE_CHANGES) == {"steps", "output_dir", "eval_every", "checkpoint_every"}
+    assert set(RESUMABLE_CHANGES) == {"steps", "output_dir", "eval_every", "checkpoint_every", "judge_timeout_s"}
 
     fresh = tiny_qwen(1)
     before = trainable(fresh)
