@@ -140,7 +140,8 @@ class Runtime:
         if self.scaler:
             if loss_finite:
                 self.scaler.update()                               # lowers the scale after an overflow
-            else:
+            else:                                                  # (scale() first: a first step's scale is lazy)
+                self.scaler.scale(torch.zeros((), device=self.device))
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         return StepResult(taken=taken, grad_norm=grad_norm, loss_finite=loss_finite)
 
