@@ -302,14 +302,16 @@ def test_settings_precedence_config_preset_set_flags(tmp_path):
     """defaults < --config < --preset (replaces routes and coefficients) < --set < --steps/--seed/--out."""
     import argparse
 
-    from sail_min.cli import build_config
+    from sail_min.cli import UserError, build_config
     from sail_min.config import SAILConfig
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(SAILConfig.preset("sail-dp", lr=1e-3, steps=5, output_dir="old").to_dict()))
-    args = dict(config=str(path), preset=None, set=None, steps=None, seed=None, out=None)
-    same = build_config(argparse.Namespace(**args))
+    args = dict(config=str(path), preset=None, set=None, steps=None, seed=None, out=None, resume=True)
+    same = build_config(argparse.Namespace(**args))               # resuming: the config's own output_dir
     assert same == SAILConfig.preset("sail-dp", lr=1e-3, steps=5, output_dir="old")
+    with pytest.raises(UserError, match="its output_dir 'old' is the folder of the run it came from"):
+        build_config(argparse.Namespace(**{**args, "resume": False}))    # a new run: never into that folder
     changed = build_config(argparse.Namespace(**{**args, "preset": "sail-pr", "set": ["steps=7", "lr=2e-3"],
                                                  "steps": 9, "out": "new"}))
     assert changed == SAILConfig.preset("sail-pr", lr=2e-3, steps=9, output_dir="new")     # route_dp back to 0

@@ -368,3 +368,20 @@ def test_fixed_generation_shapes_compile_at_most_twice_per_run_whatever_the_rout
     dynamo's second graph takes dynamic sizes; on a GPU each new size of such a graph records new CUDA graphs."""
     graphs = compilations(sentiment, tmp_path, "fixed")
     assert 1 <= graphs[-1] <= 2 and graphs == sorted(graphs)
+
+
+def test_under_reuse_steps_every_dataset_row_is_seen_once_per_pass(sentiment):
+    """Mutant: under ``reuse_steps > 1`` the dataset slots advance every STEP instead of every round, so a pass
+    skips rows. Rounds of 2 steps draw at steps 0, 2, 4, ...; 10 rows in rounds of 5 pairs: each pair of rounds
+    is one pass, every row once."""
+    from sail_min.engine import Runtime
+    from sail_min.train import draw_pairs
+    policy, tokenizer = load_base_model()
+    rows = sentiment.preferences()[:10]
+    task = Task(rows, sentiment.train_prompts[:4], sentiment.eval_prompts[:4], sentiment.judge)
+    config = SAILConfig.preset("offline-dpo", pairs_per_step=5, reuse_steps=2, checkpoint_every=2)
+    sampler = Runtime(config).sampler(tokenizer, rows=2 * config.pairs_per_step)
+    for first_round in (0, 4):                             # two passes: rounds at steps 0, 2 and 4, 6
+        seen = [t for step in (first_round, first_round + 2)
+                for t in draw_pairs(policy, sampler, task, config, step).first.texts]
+        assert sorted(seen) == sorted(r["chosen"] for r in rows)
