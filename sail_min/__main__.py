@@ -29,14 +29,15 @@ def _compare(args) -> int:
     from .checkpoint import CheckpointError
     from .cli import UserError
     from .lab.compare import IncompleteRun
+    from .train import OutputExistsError
 
     start = time.perf_counter()
     if args.full:
         return _compare_full(args, start)
     try:
         results = main_job(args.out, seeds=args.seeds or (2 if args.quick else 5), quick=args.quick,
-                           resume=args.resume, progress=not args.quick)
-    except (CheckpointError, IncompleteRun) as error:      # --resume over a folder that does not fit
+                           resume=args.resume, progress=not args.quick, overwrite=args.overwrite)
+    except (CheckpointError, IncompleteRun, OutputExistsError) as error:   # a folder that does not fit
         raise UserError(str(error)) from None
     print(format_table(results, labels_column="judge_queries", labels_title="judge queries"))
     paths = write_results(results, args.out, REWARD_LABEL)
@@ -54,7 +55,7 @@ def _compare_full(args, start: float) -> int:
     from .lab.experiments import full_job
     from .lab.sentiment import REWARD_LABEL
 
-    results = full_job(args.out, seeds=args.seeds or 5, progress=False)
+    results = full_job(args.out, seeds=args.seeds or 5, progress=False, overwrite=args.overwrite)
     print("each method at its best learning rate:")
     print(format_table(results["best_lr"], labels_column="judge_queries", labels_title="judge queries"))
     for name, by_beta in results["by_beta"].items():
@@ -206,6 +207,8 @@ def main(argv=None) -> int:
     compare.add_argument("--quick", action="store_true", help="a CI-sized run: fewer steps, seeds, prompts")
     compare.add_argument("--seeds", type=int, default=None, help="runs per method (default 5, quick 2)")
     compare.add_argument("--resume", action="store_true", help="continue the runs found in --out")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="train again the runs found in --out (without it, or --resume, they are refused)")
     compare.add_argument("--full", action="store_true",
                          help="the full sweep: 3 learning rates (each method at its best) and 3 betas (frontier)")
 
