@@ -77,3 +77,14 @@ def test_every_field_has_a_docstring():
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
                 documented.add(a.target.id)
     assert {f.name for f in dataclasses.fields(SAILConfig)} <= documented
+
+
+def test_the_config_s_choice_lists_are_the_sampler_s():
+    """A value SAILConfig accepts is one the sampler accepts, and the other way round: the generation settings'
+    choices (``SAILConfig.choices()``) equal what ``sail_min.sampling`` defines and checks."""
+    from sail_min import sampling
+
+    choices = SAILConfig.choices()
+    assert choices["generation_cache"] == sampling.CACHES
+    assert choices["generation_compile"] == tuple(sampling.COMPILE_MODES)
+    assert choices["text_prompts"] == sampling.TEXT_PROMPTS

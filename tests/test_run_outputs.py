@@ -279,3 +279,44 @@ def test_resume_with_other_data_or_another_model_is_refused_the_judge_may_change
     other_judge = dataclasses.replace(task, judge=lambda prompts, responses: [0.0] * len(responses))
     assert [r["step"] for r in train(config.replace(steps=2), *load_base_model(), other_judge, progress=False,
                                      resume=True)] == [0, 1]
+
+
+def strip_timing(history):
+    drop = ("time/", "tokens_per_second")
+    return [{k: v for k, v in h.items() if not k.startswith(drop)} for h in history]
+
+
+def test_a_half_written_metrics_line_is_dropped_on_resume_with_a_warning(sentiment, tmp_path):
+    """Mutant: ``metrics.open_metrics`` does not catch a half-written last line (it fails on it, keeps it, or
+    says nothing). A run killed while writing step 2's line (checkpoint of step 1 saved, then
+    ``{"step": 2, "lo`` with no newline) resumes with a warning, and its returned metrics and its
+    metrics.jsonl are those of the uninterrupted run."""
+    task = Task(sentiment.preferences()[:16], sentiment.train_prompts[:16], sentiment.eval_prompts,
+                sentiment.judge, sentiment.bt_temperature)
+    config = SAILConfig.preset("offline-dpo", steps=4, pairs_per_step=2, eval_every=2, eval_prompts=2,
+                               checkpoint_every=2, max_new_tokens=4, output_dir=str(tmp_path / "full"))
+    full = train(config, *load_base_model(), task, progress=False)
+
+    config = config.replace(output_dir=str(tmp_path / "killed"))
+    calls = {"n": 0}
+
+    def judge_killed_at_step_3s_evaluation(prompts, responses):   # calls: reference, step 1, step 3
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return task.judge(prompts, responses)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, *load_base_model(), dataclasses.replace(task, judge=judge_killed_at_step_3s_evaluation),
+              progress=False)
+    out = Path(config.output_dir)
+    assert load_checkpoint(out / "checkpoint.pt")["next_step"] == 2
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:2]) + '{"step": 2, "lo')
+
+    with pytest.warns(RuntimeWarning, match="line 3 is not complete JSON"):
+        resumed = train(config, *load_base_model(), task, resume=True, progress=False)
+    assert strip_timing(resumed) == strip_timing(full)
+    written = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert strip_timing(written) == strip_timing(full)
