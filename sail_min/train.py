@@ -314,6 +314,8 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     check_positions(policy, config.max_prompt_tokens, config.max_new_tokens)
     if runtime.is_main:
         clear_output(out, overwrite)
+    if not runtime.alone:
+        runtime.accelerator.wait_for_everyone()                           # every process checked before any writes
     fingerprint = run_fingerprint(task, policy)                          # before any step changes the weights
     judge = CheckedJudge(task.judge, config.judge_timeout_s)              # the contract, at every call
     task = dataclasses.replace(task, judge=judge)
