@@ -12,6 +12,8 @@
   stay matched);
 - checkpoints: ``gathered`` weights and optimiser state of a sharded run; ``check_in_sync`` at the end;
 - sampling: ``sampler`` builds the one ``sampling.Sampler`` of a call site from the config.
+- failures: ``together`` makes an error on one process (its judge, its disk) end every process, so none
+  waits forever in a collective; the others raise ``ProcessFailed`` with the failing process's one-line message.
 
 One process and no engine configured: no wrapper, no hook, nothing but autocast and the guard.
 """
