@@ -353,6 +353,21 @@ def resume_hint(config, argv) -> str:
             f"{shlex.join(command)}" + (" (under the same launcher)" if torch.distributed.is_initialized() else ""))
 
 
+def steps_done(config) -> int:
+    """The steps a run completed: the last line of its metrics.jsonl (process 0 writes one per step)."""
+    import warnings
+
+    from .metrics import MetricsError, read_metrics
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                  # a half-written last line: not a step done
+            return 1 + max((record["step"] for record in read_metrics(Path(config.output_dir) / "metrics.jsonl",
+                                                                      config.steps)), default=-1)
+    except MetricsError:
+        return 0
+
+
 class RunEnded(UserError):
     """The run ended early on every process (judge, Ctrl-C, another process failing): ``own`` when this
     process's error started it. Under several processes, process 0 prints last (``report``)."""
@@ -411,7 +426,7 @@ def _run_train(args, toy_run, named_judges) -> int:
     from .engine import ProcessFailed
     from .labels import JudgeError
     from .sampling import check_positions
-    from .train import Interrupted, train
+    from .train import train
 
     real = args.model is not None
     if real and not (args.data and args.judge):
@@ -462,9 +477,8 @@ def _run_train(args, toy_run, named_judges) -> int:
         raise RunEnded(f"{_one_line(error)}; {resume_hint(config, argv)}") from None
     except ProcessFailed as error:                               # another process's error, e.g. its judge
         raise RunEnded(f"{_one_line(error)}; {resume_hint(config, argv)}", own=False) from None
-    except Interrupted as interrupt:                             # Ctrl-C
-        raise RunEnded(f"interrupted (Ctrl-C) after {interrupt.done} step(s); "
-                       + (resume_hint(config, argv) if interrupt.saved else "no checkpoint yet: start it again")) from None
+    except KeyboardInterrupt:                                    # Ctrl-C: how far it got, from the files
+        raise RunEnded(f"interrupted (Ctrl-C) after {steps_done(config)} step(s); {resume_hint(config, argv)}") from None
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"trained on {accelerator.num_processes} process(es), {config.pairs_per_step} pairs per step each")

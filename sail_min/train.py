@@ -304,9 +304,9 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     ``resume=True`` or ``overwrite=True`` (its run files are then removed first).
 
     How a run ends early: a judge that raises, breaks its contract or exceeds ``judge_timeout_s`` raises
-    ``JudgeError`` (one line: the judge, the step, the problem), on every process; Ctrl-C raises
-    ``Interrupted`` (a ``KeyboardInterrupt`` carrying the steps done and the last checkpoint). Either way
-    the last checkpoint is kept as it was, ready for ``resume=True``.
+    ``JudgeError`` (one line: the judge, the step, the problem), on every process (the others raise
+    ``engine.ProcessFailed`` with that line); Ctrl-C raises ``KeyboardInterrupt``. Either way the last
+    checkpoint is kept as it was, ready for ``resume=True``, and metrics.jsonl has a line per step done.
     """
     runtime, out = Runtime(config, accelerator), Path(config.output_dir)
     check_output(out, resume, overwrite)
@@ -334,70 +334,53 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     judge_truncated_before = getattr(task.judge, "truncated", 0)        # judge inputs cut to its length
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {out}",
                disable=not (progress and runtime.is_main))
-    done = saved = start                                                 # steps completed; in the checkpoint
-    try:
-        for step in bar:
-            torch.manual_seed(step_seed(config.seed, step, runtime.rank, "dropout"))     # dropout masks, if any
-            new_round = step % config.reuse_steps == 0 or step == start                  # iterative rounds: reuse_steps
-            evaluating = (step + 1) % config.eval_every == 0 or step + 1 == config.steps
-            judge.where = f"at step {step}"
-            t0 = time.perf_counter()
-            # ---------------------------------- ALGORITHM ----------------------------------
-            if new_round:                                                                                 # 1. draw
-                pairs = draw_pairs(policy, sampler, task, config, step, runtime.rank, runtime.processes)
-            t1 = time.perf_counter()
-            logps = score_pairs(policy, reference, pairs, runtime)                                        # 2. score
-            t2 = time.perf_counter()
-            if new_round:                                                                                 # 3. label
-                with runtime.together():                          # a judge failure on one process ends all
-                    labels, judge_queries = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
-                        step_seed(config.seed, step, runtime.rank, "labels")))
-                old_logps = (logps.policy_first + logps.policy_second).detach()   # pi_old: reused pairs are reweighted
-            t3 = time.perf_counter()
-            loss = pair_loss(logps, labels, pairs.routes, config, old_logps if config.reuse_steps > 1 else None)  # 4.
-            term_norms = term_gradient_norms(loss, policy, pairs.routes, config) if evaluating and runtime.alone else {}
-            optimizer.zero_grad(set_to_none=True)                                                         # 5. step
-            stepped = runtime.step(loss.loss, policy, optimizer)  # backward, clip, step; skipped on all if not finite
-            t4 = time.perf_counter()
-            # -------------------------------- BOOKKEEPING ----------------------------------
-            grad_norm = stepped.grad_norm if stepped.taken else None
-            counters = update_counters(counters, pairs, judge_queries, new_round, not stepped.taken)
-            skipped = {} if stepped.taken else explain_skipped_step(    # what was not finite; inputs saved
-                out / "skipped" / f"step_{step:06d}.pt", pairs, logps, labels, loss, policy, config, step, counters)
-            seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
-            record = step_record(step, loss, pairs, config, seconds, counters, compiled_before, grad_norm, skipped,
-                                 term_norms, getattr(task.judge, "truncated", 0) - judge_truncated_before)
-            checkpointing = (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps
-            with runtime.together():           # an error on one process (judge, disk) ends all: none waits forever
-                if evaluating and runtime.evaluates:                     # sharded: every process takes part
-                    judge.where = f"at step {step}'s evaluation"
-                    t5 = time.perf_counter()
-                    record |= evaluate(policy, reference, eval_sampler, task, runtime, reference_judge_scores)
-                    record |= {"time/evaluate": time.perf_counter() - t5} | compilations_since(compiled_before)
-                    bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
-                if runtime.is_main:
-                    history.append(record)
-                    append_metrics(out, record, runtime.accelerator)
-                if checkpointing:
-                    runtime.save_checkpoint(out / "checkpoint.pt", policy, optimizer, next_step=step + 1,
-                                            counters=counters, fingerprint=fingerprint)
-                    saved = step + 1
-            done = step + 1
-    except KeyboardInterrupt:
-        raise Interrupted(done, saved, out / "checkpoint.pt") from None
-    finally:
-        bar.close()
+    for step in bar:
+        torch.manual_seed(step_seed(config.seed, step, runtime.rank, "dropout"))     # dropout masks, if any
+        new_round = step % config.reuse_steps == 0 or step == start                  # iterative rounds: reuse_steps
+        evaluating = (step + 1) % config.eval_every == 0 or step + 1 == config.steps
+        judge.where = f"at step {step}"
+        t0 = time.perf_counter()
+        # ---------------------------------- ALGORITHM ----------------------------------
+        if new_round:                                                                                 # 1. draw
+            pairs = draw_pairs(policy, sampler, task, config, step, runtime.rank, runtime.processes)
+        t1 = time.perf_counter()
+        logps = score_pairs(policy, reference, pairs, runtime)                                        # 2. score
+        t2 = time.perf_counter()
+        if new_round:                                                                                 # 3. label
+            with runtime.together():                          # a judge failure on one process ends all
+                labels, judge_queries = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
+                    step_seed(config.seed, step, runtime.rank, "labels")))
+            old_logps = (logps.policy_first + logps.policy_second).detach()   # pi_old: reused pairs are reweighted
+        t3 = time.perf_counter()
+        loss = pair_loss(logps, labels, pairs.routes, config, old_logps if config.reuse_steps > 1 else None)  # 4.
+        term_norms = term_gradient_norms(loss, policy, pairs.routes, config) if evaluating and runtime.alone else {}
+        optimizer.zero_grad(set_to_none=True)                                                         # 5. step
+        stepped = runtime.step(loss.loss, policy, optimizer)  # backward, clip, step; skipped on all if not finite
+        t4 = time.perf_counter()
+        # -------------------------------- BOOKKEEPING ----------------------------------
+        grad_norm = stepped.grad_norm if stepped.taken else None
+        counters = update_counters(counters, pairs, judge_queries, new_round, not stepped.taken)
+        skipped = {} if stepped.taken else explain_skipped_step(    # what was not finite; inputs saved
+            out / "skipped" / f"step_{step:06d}.pt", pairs, logps, labels, loss, policy, config, step, counters)
+        seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
+        record = step_record(step, loss, pairs, config, seconds, counters, compiled_before, grad_norm, skipped,
+                             term_norms, getattr(task.judge, "truncated", 0) - judge_truncated_before)
+        checkpointing = (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps
+        with runtime.together():           # an error on one process (judge, disk) ends all: none waits forever
+            if evaluating and runtime.evaluates:                     # sharded: every process takes part
+                judge.where = f"at step {step}'s evaluation"
+                t5 = time.perf_counter()
+                record |= evaluate(policy, reference, eval_sampler, task, runtime, reference_judge_scores)
+                record |= {"time/evaluate": time.perf_counter() - t5} | compilations_since(compiled_before)
+                bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
+            if runtime.is_main:
+                history.append(record)
+                append_metrics(out, record, runtime.accelerator)
+            if checkpointing:
+                runtime.save_checkpoint(out / "checkpoint.pt", policy, optimizer, next_step=step + 1,
+                                        counters=counters, fingerprint=fingerprint)
     runtime.finish(policy)                                               # every process ends with the same weights
     return history
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during ``train``: how far the run got and where it can go on from."""
-
-    def __init__(self, done: int, saved: int, checkpoint: Path):
-        kept = f"the checkpoint {checkpoint} holds the first {saved}" if saved else "no checkpoint was written yet"
-        super().__init__(f"interrupted after {done} step(s); {kept}")
-        self.done, self.saved, self.checkpoint = done, saved, checkpoint
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from sail_min.checkpoint import CheckpointWriteError, load_checkpoint, save_chec
 from sail_min.config import SAILConfig
 from sail_min.lab.sentiment import load_base_model, load_sentiment_task
 from sail_min.metrics import MetricsError
-from sail_min.train import Interrupted, OutputExistsError, Task, train
+from sail_min.train import OutputExistsError, Task, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -139,21 +139,6 @@ def test_ctrl_c_ends_in_one_line_with_the_step_the_checkpoint_and_the_resume_com
     assert line.endswith("--resume") and "Traceback" not in line
     assert main([*argv, "--resume"]) == 0                     # the judge no longer interrupts (its 5th call is past)
     assert [json.loads(row)["step"] for row in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
-
-
-def test_train_raises_interrupted_with_how_far_it_got(sentiment, tmp_path):
-    calls = {"n": 0}
-
-    def judge(prompts, responses):           # calls: the reference's samples, step 1's evaluation: Ctrl-C
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return sentiment.judge(prompts, responses)
-
-    with pytest.raises(Interrupted) as interrupt:
-        train(tiny_config(tmp_path, eval_every=2), *load_base_model(), tiny_task(sentiment, judge), progress=False)
-    assert (interrupt.value.done, interrupt.value.saved) == (1, 1)
-    assert isinstance(interrupt.value, KeyboardInterrupt)
 
 
 # --------------------------------------------------------------------------------------
