@@ -27,14 +27,15 @@ def _compare(args) -> int:
     from .lab.compare import IncompleteRun, write_results
     from .lab.experiments import main_job, report
     from .lab.sentiment import REWARD_LABEL
+    from .train import OutputExistsError
 
     start = time.perf_counter()
     if args.full:
         return _compare_full(args, start)
     try:
         results = main_job(args.out, seeds=args.seeds or (2 if args.quick else 5), quick=args.quick,
-                           resume=args.resume, progress=not args.quick)
-    except (CheckpointError, IncompleteRun) as error:      # --resume over a folder that does not fit
+                           resume=args.resume, progress=not args.quick, overwrite=args.overwrite)
+    except (CheckpointError, IncompleteRun, OutputExistsError) as error:   # a folder that does not fit
         raise UserError(str(error)) from None
     print(report(results))
     paths = write_results(results, args.out, REWARD_LABEL)
@@ -53,7 +54,7 @@ def _compare_full(args, start: float) -> int:
     from .lab.experiments import full_job, full_report
     from .lab.sentiment import REWARD_LABEL
 
-    results = full_job(args.out, seeds=args.seeds or 5, progress=False)
+    results = full_job(args.out, seeds=args.seeds or 5, progress=False, overwrite=args.overwrite)
     print(full_report(results))
     full_path = Path(args.out) / "results_full.json"
     full_path.write_text(json.dumps(results, indent=1))
@@ -124,7 +125,9 @@ The run's settings (a SAILConfig), later sources winning:
   SAILConfig defaults < --config FILE.json < --preset < --set FIELD=VALUE (in order) < --steps, --seed, --out
 --preset over --config replaces the config's routes and coefficients; without --preset and --config the run takes
 SAILConfig's defaults (offline DPO).
-Mistakes in arguments or files end with one line `error: ...` on stderr and exit status 2."""
+Mistakes in arguments or files end with one line `error: ...` on stderr and exit status 2; so does a run that
+ends early (its judge fails, a disk refuses a write, Ctrl-C), with the last checkpoint kept and the command that
+goes on from it. A --out that holds a run is refused unless --resume (continue it) or --overwrite (replace it)."""
 
 
 def _add_train_parser(commands) -> None:
@@ -165,10 +168,14 @@ def _add_train_parser(commands) -> None:
     run.add_argument("--seed", type=int, default=None, metavar="N",
                      help=f"seed of every random choice (default: the config's, else SAILConfig's: {defaults.seed})")
     run.add_argument("--out", default=None, metavar="DIR",
-                     help=f"output folder: config.json, metrics.jsonl, checkpoint.pt (default: --config's "
-                          f"output_dir, else SAILConfig's: {defaults.output_dir})")
+                     help=f"output folder: config.json, metrics.jsonl, checkpoint.pt (with --resume: --config's "
+                          f"output_dir; a new run from a --config that names another output_dir needs --out; "
+                          f"default: SAILConfig's: {defaults.output_dir})")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoint in --out (same settings; --steps may grow)")
+                     help="continue from the checkpoint in --out (same settings, data and model; --steps may grow)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out (its checkpoint, metrics and config); without it a folder that "
+                          "holds a run is refused")
     run.add_argument("--threads", type=int, default=1, metavar="N", help="torch CPU threads per process (default 1)")
     logging = one.add_argument_group("logging")
     logging.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
@@ -186,6 +193,8 @@ def main(argv=None) -> int:
     compare.add_argument("--quick", action="store_true", help="a CI-sized run: fewer steps, seeds, prompts")
     compare.add_argument("--seeds", type=int, default=None, help="runs per method (default 5, quick 2)")
     compare.add_argument("--resume", action="store_true", help="continue the runs found in --out")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="train again the runs found in --out (without it, or --resume, they are refused)")
     compare.add_argument("--full", action="store_true",
                          help="the full sweep: 3 learning rates (each method at its best) and 3 betas (frontier)")
 
@@ -213,7 +222,8 @@ def main(argv=None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]                             # bare `python -m sail_min [--quick ...]`
     args = parser.parse_args(argv)
-    from .cli import UserError
+    args.argv = argv                                          # the command, for the resume hint
+    from .cli import UserError, report
     try:
         for name in ("seeds", "steps", "threads", "lora_rank"):
             value = getattr(args, name, None)
@@ -224,8 +234,10 @@ def main(argv=None) -> int:
             return check_main()
         return {"compare": _compare, "train": _train, "bandit": _bandit, "fixed-points": _fixed_points}[args.command](args)
     except UserError as error:            # the user's mistake: one line; anything else keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report(error)
+    except KeyboardInterrupt:             # Ctrl-C outside a training loop (which says more: cli.run_train)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,13 +10,21 @@ A checkpoint is one ``torch.save`` file holding a dict of plain containers and t
     next_step   the step a resumed run starts with
     counters    {name: number} the loop accumulates (skipped steps, judge queries, ...)
     config      the run's settings as a dict of plain types (``dataclasses.asdict(config)``)
+    fingerprint {"data": ..., "weights": ...}: digests of the training data and of the model's weights at
+                the start (``train.run_fingerprint``), so a resume with other data or another model is
+                refused (absent in checkpoints of older versions: not checked)
 
 Loading uses ``torch.load(weights_only=True)``: unpickling a file can run arbitrary code,
 and the restricted unpickler builds only tensors and plain containers, so a file from
 elsewhere is refused before anything in it runs. Nothing is allow-listed beyond the
 defaults. Every problem with a file is a ``CheckpointError`` that names the file and says
-what to do. Writing is atomic (a temporary file, then ``os.replace``): a run killed while
-saving keeps its previous checkpoint.
+what to do; a file that is intact but cannot be loaded here is never called corrupt. The file is
+read onto the CPU and copied into the model (``map_location="cpu"``: under torchrun on a CPU the
+run's device is ``cpu:0``, which ``torch.load`` cannot map to). Writing is atomic (a temporary
+file, then ``os.replace``): a run killed while saving keeps its previous checkpoint, and the
+temporary file a SIGKILL leaves is removed by the next run (``remove_stray_temporaries``). A
+failed write (a full disk, a read-only folder) is a ``CheckpointWriteError`` (an ``OSError``)
+naming the file and the system's reason.
 """
 from __future__ import annotations
 
@@ -34,21 +42,33 @@ import torch
 FORMAT = "sail_min.checkpoint/1"
 """The value of the ``"format"`` key of every checkpoint this module writes."""
 
-RESUMABLE_CHANGES = ("steps", "output_dir", "eval_every", "checkpoint_every")
-"""Settings a resumed run may change: how long it runs and how often it evaluates and saves."""
+RESUMABLE_CHANGES = ("steps", "output_dir", "eval_every", "checkpoint_every", "judge_timeout_s")
+"""Settings a resumed run may change: how long it runs, how often it evaluates and saves, how long it waits
+for the judge."""
+
+FINGERPRINTED = {"data": "training data (preferences, training and evaluation prompts)",
+                 "weights": "starting weights (the model as it was before the first step)"}
+"""What a checkpoint's fingerprint covers; the judge is not in it: a resumed run may change its judge."""
 
 _KEYS = ("format", "model", "optimizer", "scaler", "next_step", "counters", "config")
+
+TEMPORARY = "{name}.*.tmp"
+"""The names of ``save_checkpoint``'s temporary files beside the checkpoint ``name``."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, refused, not ours, or not this run's."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, read-only folder, ...): names the file and why."""
+
+
 # --------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------
 def save_checkpoint(path, *, model, optimizer, next_step: int, counters: dict, config,
-                    scaler=None) -> None:
+                    scaler=None, fingerprint: dict | None = None) -> None:
     """Write a resumable checkpoint of ``model`` (trainable weights only) to ``path``, atomically.
 
     ``config`` is a dict of plain types (a dataclass is converted with ``dataclasses.asdict``);
@@ -72,18 +92,55 @@ def save_checkpoint(path, *, model, optimizer, next_step: int, counters: dict, c
         "counters": dict(counters),
         "config": dict(config),
     }
+    if fingerprint is not None:
+        _check_plain(fingerprint, "fingerprint")
+        state["fingerprint"] = dict(fingerprint)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())            # on disk before it replaces the previous checkpoint
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and
+                                          ("inline_container" in str(error) or "Writer" in str(error))):
+            # torch's zip writer turns a failed write (ENOSPC, EFBIG) into a RuntimeError without the reason
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+            raise CheckpointWriteError(f"{path}: the checkpoint could not be written ({reason}; "
+                                       f"{_free_space(path.parent)}); the previous checkpoint, if any, is "
+                                       f"kept") from None
         raise
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _free_space(folder: Path) -> str:
+    import shutil
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def remove_stray_temporaries(path) -> list[Path]:
+    """Remove the temporary files of saves of ``path`` that were killed (SIGKILL, power loss) before
+    they finished; return what was removed (the caller says so)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stray = sorted(path.parent.glob(TEMPORARY.format(name=path.name)))
+    for file in stray:
+        file.unlink(missing_ok=True)
+    return stray
 
 
 def _check_plain(value, where: str) -> None:
@@ -107,12 +164,13 @@ def _check_plain(value, where: str) -> None:
 # --------------------------------------------------------------------------------------
 # load
 # --------------------------------------------------------------------------------------
-def load_checkpoint(path, map_location=None) -> dict:
+def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint written by ``save_checkpoint``, without running any code from the file.
 
-    ``map_location`` is passed to ``torch.load`` (e.g. ``"cpu"`` or the run's device).
-    Raises ``CheckpointError`` (naming the file) if the file is missing, not a torch file,
-    truncated or corrupt, refused by the safe loader, or not a sail_min checkpoint.
+    ``map_location`` is passed to ``torch.load`` (default the CPU: ``restore`` copies the tensors
+    into the model wherever it is). Raises ``CheckpointError`` (naming the file) if the file is
+    missing, not a torch file, truncated or corrupt, refused by the safe loader, or not a sail_min
+    checkpoint; a well-formed file that fails to load for another reason is named as intact.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,7 +186,17 @@ def load_checkpoint(path, map_location=None) -> dict:
                 f"It was not written by sail_min.checkpoint; do not resume from it, or load it "
                 f"yourself with weights_only=False only if you trust where it came from") from None
         raise _corrupt(path, error) from None
-    except Exception as error:          # zip reader, EOF, bad magic number, ...: all "unreadable"
+    except OSError as error:            # permission, I/O error: the file may be fine (torch also raises
+        if _readable(path):             # OSError for some truncated files: those it reads are damaged)
+            raise _corrupt(path, error) from None
+        raise CheckpointError(f"{path}: cannot be read ({error.strerror or _first_line(error)}); the file "
+                              f"itself may be intact: fix access to it and resume again") from None
+    except Exception as error:          # zip reader, EOF, bad magic number, a device it cannot map to, ...
+        if _is_well_formed_pickle(path):
+            raise CheckpointError(f"{path}: an intact torch file that failed to load here "
+                                  f"({type(error).__name__}: {_first_line(error)}); do not delete it: this "
+                                  f"is a problem of the loading side (map_location={map_location!r}), "
+                                  f"not of the file") from None
         raise _corrupt(path, error) from None
 
     if not (isinstance(state, dict) and "format" in state):
@@ -143,6 +211,15 @@ def load_checkpoint(path, map_location=None) -> dict:
         raise CheckpointError(f"{path}: a sail_min checkpoint without {missing}: the file is damaged; "
                               f"start without resuming or restore it from a copy")
     return state
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return True
+    except OSError:
+        return False
 
 
 def _corrupt(path: Path, error: Exception) -> CheckpointError:
@@ -191,11 +268,12 @@ def _describe(state) -> str:
 # restore
 # --------------------------------------------------------------------------------------
 def restore(state: dict, model, optimizer, scaler=None, *, config,
-            resumable_changes=RESUMABLE_CHANGES, path=None) -> tuple[int, dict]:
+            resumable_changes=RESUMABLE_CHANGES, path=None, fingerprint: dict | None = None) -> tuple[int, dict]:
     """Check that ``state`` belongs to this run, then load it into model, optimizer and scaler.
 
     Refused (``CheckpointError``), before anything is loaded: settings that differ from
-    ``config`` other than ``resumable_changes`` (the fields are named); saved weights that
+    ``config`` other than ``resumable_changes`` (the fields are named); a ``fingerprint`` (of the
+    training data, of the starting weights) other than the saved one; saved weights that
     are not trainable weights of ``model``, or of another shape; trainable weights of
     ``model`` that the checkpoint lacks. ``path`` only names the file in the messages.
     Returns ``(next_step, counters)``.
@@ -211,6 +289,13 @@ def restore(state: dict, model, optimizer, scaler=None, *, config,
                             for k in changed)
         raise CheckpointError(f"{where} was written with other settings: {changed} ({details}); "
                               f"use another output_dir, or the same settings to resume")
+    saved_fingerprint = state.get("fingerprint") or {}
+    for what, value in (fingerprint or {}).items():
+        if what in saved_fingerprint and saved_fingerprint[what] != value:
+            raise CheckpointError(f"{where} was written for other {FINGERPRINTED[what]} (fingerprint "
+                                  f"{saved_fingerprint[what][:12]}, now {value[:12]}); resume with the "
+                                  f"{FINGERPRINTED[what]} the run was started with, or start a new run in "
+                                  f"another output_dir")
 
     saved = state["model"]
     current = dict(model.named_parameters())

@@ -82,11 +82,26 @@ def build_config(args):
         values.update({name: defaults[name] for name in VARIANT_FIELDS}, **PRESETS[preset])
     values.update(parse_set(args.set, defaults))
     values.update({k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None})
-    values["output_dir"] = args.out or values.get("output_dir", defaults["output_dir"])
+    values["output_dir"] = output_folder(args, values.get("output_dir"), defaults["output_dir"])
     try:
         return SAILConfig.from_dict(values)
     except ValueError as error:                       # a bad value: the message names the field
         raise UserError(f"invalid configuration: {error}") from None
+
+
+def output_folder(args, from_config: str | None, default: str) -> str:
+    """--out; else, resuming, the --config's output_dir (the run it continues); else the default. A new run
+    never takes a --config's output_dir (the folder of the run the config came from): it needs --out."""
+    if args.out is not None:
+        if not args.out.strip():
+            raise UserError("--out '': an empty output folder (an unset shell variable?); name a folder")
+        return args.out
+    if from_config and getattr(args, "resume", False):
+        return from_config
+    if from_config and from_config != default:
+        raise UserError(f"--config {args.config}: its output_dir {from_config!r} is the folder of the run it came "
+                        f"from; a new run needs --out (or --resume to continue that run)")
+    return default
 
 
 # --------------------------------------------------------------------------------------
@@ -94,6 +109,14 @@ def build_config(args):
 # --------------------------------------------------------------------------------------
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
+
+
+def damaged(error: Exception) -> str:
+    """What went wrong loading a model folder, in one line: the error's type (e.g. a SafetensorError of a
+    truncated weights file, a JSONDecodeError of a damaged config.json) and its first 300 characters."""
+    text = _one_line(error)
+    kind = type(error).__name__
+    return (text if kind in ("OSError", "ValueError") else f"{kind}: {text}")[:300]
 
 
 def _check_source(option: str, name: str) -> None:
@@ -117,8 +140,8 @@ def load_policy(name: str, lora_rank: int | None, dtype, seed: int, say):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model, loading = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError) as error:            # not found, offline, not a causal LM
-        raise UserError(f"--model {name}: cannot load a causal language model ({_one_line(error)})") from None
+    except Exception as error:                        # not found, offline, not a causal LM, damaged files
+        raise UserError(f"--model {name}: cannot load a causal language model ({damaged(error)})") from None
     check_causal_lm(name, model, loading)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -152,22 +175,16 @@ def check_causal_lm(name: str, model, loading: dict) -> None:
                         f"newly initialised (random); give a trained causal language model")
 
 
-class JudgeError(RuntimeError):
-    """The user's judge raised: carries the judge's name and what it raised."""
-
-
 class NamedJudge:
-    """The user's judge, unchanged, except that an exception it raises becomes a JudgeError that names
-    the judge (``--judge SPEC raised ...``); attributes (e.g. a reward model's ``truncated``) pass through."""
+    """The user's judge, unchanged, named as on the command line (``--judge SPEC``) in every message
+    (``labels.CheckedJudge`` holds it to the contract); attributes (e.g. a reward model's ``truncated``) pass through."""
 
     def __init__(self, spec: str, judge):
         self.spec, self.judge = spec, judge
+        self.__name__ = spec
 
     def __call__(self, prompts, responses):
-        try:
-            return self.judge(prompts, responses)
-        except Exception as error:
-            raise JudgeError(f"--judge {self.spec} raised {error!r}") from error
+        return self.judge(prompts, responses)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["judge"], name)
@@ -192,6 +209,12 @@ def load_judge(spec: str, device, dtype, say, named_judges: dict | None = None):
         except ImportError as error:
             raise UserError(f"--judge {spec}: cannot import module {module_name!r} ({error}); is its folder "
                             f"on PYTHONPATH?") from None
+        except SyntaxError as error:
+            raise UserError(f"--judge {spec}: module {module_name!r} has a syntax error ({error.msg}, "
+                            f"{error.filename} line {error.lineno})") from None
+        except Exception as error:                    # the module's own code raised while importing
+            raise UserError(f"--judge {spec}: importing module {module_name!r} raised {_one_line(error)!s} "
+                            f"({type(error).__name__})") from None
         for part in attribute.split("."):
             if not hasattr(judge, part):
                 raise UserError(f"--judge {spec}: module {module_name!r} ({getattr(judge, '__file__', '?')}) "
@@ -215,8 +238,10 @@ def load_judge(spec: str, device, dtype, say, named_judges: dict | None = None):
                             f"num_labels={labels}; is it a sequence-classification reward model?")
         tokenizer = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForSequenceClassification.from_pretrained(spec, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise UserError(f"--judge {spec}: cannot load a reward model ({_one_line(error)}); give a reward-model "
+    except UserError:
+        raise
+    except Exception as error:                        # not found, offline, damaged files
+        raise UserError(f"--judge {spec}: cannot load a reward model ({damaged(error)}); give a reward-model "
                         f"folder or hub name, 'vader', or module:function") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -271,19 +296,15 @@ def load_data(args, config, say) -> tuple[list[dict], list]:
     return kept, [row["prompt"] for row in held]
 
 
-def _try_judge(spec: str, judge, pair: dict) -> None:
+def _try_judge(judge, pair: dict, timeout_s: float) -> None:
     """Score the first pair before training: a judge that breaks its contract fails now, by name."""
-    from .labels import check_judge_scores
+    from .labels import CheckedJudge, JudgeError
 
     text = [r if isinstance(r, str) else r[-1]["content"] for r in (pair["chosen"], pair["rejected"])]
     try:
-        scores = judge([pair["prompt"]] * 2, text)
+        CheckedJudge(judge, timeout_s, where="on the first pair of --data")([pair["prompt"]] * 2, text)
     except JudgeError as error:
-        raise UserError(f"{_one_line(error)} on the first pair of --data") from None
-    try:
-        check_judge_scores(scores, 2, judge)
-    except ValueError as error:
-        raise UserError(f"--judge {spec}: on the first pair of --data: {_one_line(error)}") from None
+        raise UserError(_one_line(error)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -317,33 +338,96 @@ def check_resume(config, say) -> None:
     say(f"--resume: continuing {path} at step {done} of {config.steps}")
 
 
-def resume_hint(config) -> str:
-    """Where the run's last checkpoint is and how to go on from it."""
-    from .checkpoint import load_checkpoint
+def resume_hint(config, argv) -> str:
+    """Where the run's last checkpoint is and the command that goes on from it."""
+    import shlex
+
+    from .checkpoint import CheckpointError, load_checkpoint
 
     path = Path(config.output_dir) / "checkpoint.pt"
     if not path.exists():
-        return f"no checkpoint was written yet (every {config.checkpoint_every} steps): fix the judge and start again"
-    done = load_checkpoint(path, map_location="cpu")["next_step"]
-    return f"the checkpoint {path} of the first {done} step(s) is kept: fix the judge and run the same command with --resume"
+        return f"no checkpoint was written yet (every {config.checkpoint_every} steps): start the run again"
+    try:
+        done = load_checkpoint(path)["next_step"]
+    except CheckpointError as error:
+        return f"the checkpoint cannot be read back: {_one_line(error)}"
+    command = [arg for arg in argv if arg != "--overwrite"]
+    command += [] if "--resume" in command else ["--resume"]
+    return (f"the checkpoint {path} of the first {done} step(s) is kept; go on from it with: python -m sail_min "
+            f"{shlex.join(command)}" + (" (under the same launcher)" if torch.distributed.is_initialized() else ""))
+
+
+def steps_done(config) -> int:
+    """The steps a run completed: the last line of its metrics.jsonl (process 0 writes one per step)."""
+    import warnings
+
+    from .metrics import MetricsError, read_metrics
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                  # a half-written last line: not a step done
+            return 1 + max((record["step"] for record in read_metrics(Path(config.output_dir) / "metrics.jsonl",
+                                                                      config.steps)), default=-1)
+    except MetricsError:
+        return 0
+
+
+class RunEnded(UserError):
+    """The run ended early on every process (judge, Ctrl-C, another process failing): ``own`` when this
+    process's error started it. Under several processes, process 0 prints last (``report``)."""
+
+    def __init__(self, message: str, own: bool = True):
+        super().__init__(message)
+        self.own = own
 
 
 def run_train(args, toy_run=None, named_judges: dict | None = None) -> int:
     """``python -m sail_min train``. ``toy_run() -> (policy, tokenizer, task)`` is what runs without --model and
     ``named_judges`` {name: factory} the judges known by name; the command line passes the lab's toy task
-    (``sail_min.lab.sentiment``) for both, so this module needs nothing from the lab."""
-    """The `train` command: build config, accelerator, policy, task; train; print the last evaluation."""
+    (``sail_min.lab.sentiment``) for both, so this module needs nothing from the lab.
+    Build config, accelerator, policy, task; train; print the last evaluation. What ends a run early ends it in
+    one line (``UserError``): a checkpoint or metrics file that does not fit or is damaged, a disk that refuses a
+    write (the path and the system's reason), the judge (its name, the step, the problem), Ctrl-C (the steps
+    done, the last checkpoint and the command that goes on from it)."""
 
     from .checkpoint import CheckpointError
+    from .metrics import MetricsError
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # in peft
+    show_notices(warnings)
     try:
         return _run_train(args, toy_run, named_judges)
     except CheckpointError as error:                  # names the file and says what to do
         raise UserError(f"--resume: {_one_line(error)}" if args.resume else _one_line(error)) from None
+    except MetricsError as error:
+        raise UserError(_one_line(error)) from None
+    except OSError as error:                          # a full disk, a read-only folder, --out a file, a run there
+        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        reason = error.strerror if error.strerror and where else _one_line(error)
+        raise UserError(f"{where}{reason}") from None
+
+
+def show_notices(warnings) -> None:
+    """The run's own warnings (a dropped metrics line, lost metrics, a removed temporary file, a skipped step) as
+    one line each on stderr, every time: ``warning: ...``. Other packages' warnings keep Python's format."""
+    import sys
+
+    package = str(Path(__file__).resolve().parent)
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category is RuntimeWarning and str(Path(filename).resolve()).startswith(package):
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", RuntimeWarning)
 
 
 def _run_train(args, toy_run, named_judges) -> int:
+    from .engine import ProcessFailed
+    from .labels import JudgeError
     from .sampling import check_positions
     from .train import train
 
@@ -356,8 +440,12 @@ def _run_train(args, toy_run, named_judges) -> int:
         if given:
             raise UserError(f"{', '.join(given)} need(s) --model; without --model the toy task runs with "
                             f"its own model, data and judge")
+    if args.resume and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                        "--overwrite replaces it")
     torch.set_num_threads(args.threads)
     config = build_config(args)
+    check_output_folder(config, args)
     accelerator = make_accelerator(args.report_to, config.output_dir)
     say = accelerator.print                                      # the main process prints
     if args.resume:
@@ -367,7 +455,7 @@ def _run_train(args, toy_run, named_judges) -> int:
         pairs, eval_prompts = load_data(args, config, say)
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
         judge = NamedJudge(args.judge, load_judge(args.judge, accelerator.device, dtype, say, named_judges))
-        _try_judge(args.judge, judge, pairs[0])
+        _try_judge(judge, pairs[0], config.judge_timeout_s)
         policy, tokenizer = load_policy(args.model, args.lora_rank, dtype, config.seed, say)
         task = Task(preferences=pairs, train_prompts=[row["prompt"] for row in pairs], eval_prompts=eval_prompts,
                     judge=judge)
@@ -384,10 +472,16 @@ def _run_train(args, toy_run, named_judges) -> int:
                                   init_kwargs={"wandb": {"name": Path(config.output_dir).name}})
         say(f"logging to {args.report_to} (project sail_min"
             + (f", {Path(config.output_dir) / 'sail_min'})" if args.report_to == "tensorboard" else ")"))
+    argv = getattr(args, "argv", None) or ["train"]
     try:
-        history = train(config, policy, tokenizer, task, resume=args.resume, accelerator=accelerator)
+        history = train(config, policy, tokenizer, task, resume=args.resume, accelerator=accelerator,
+                        overwrite=getattr(args, "overwrite", False))
     except JudgeError as error:                                  # mid-run: the last checkpoint stays as it was
-        raise UserError(f"{_one_line(error)} during training; {resume_hint(config)}") from None
+        raise RunEnded(f"{_one_line(error)}; {resume_hint(config, argv)}") from None
+    except ProcessFailed as error:                               # another process's error, e.g. its judge
+        raise RunEnded(f"{_one_line(error)}; {resume_hint(config, argv)}", own=False) from None
+    except KeyboardInterrupt:                                    # Ctrl-C: how far it got, from the files
+        raise RunEnded(f"interrupted (Ctrl-C) after {steps_done(config)} step(s); {resume_hint(config, argv)}") from None
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"trained on {accelerator.num_processes} process(es), {config.pairs_per_step} pairs per step each")
@@ -400,18 +494,50 @@ def _run_train(args, toy_run, named_judges) -> int:
     return 0
 
 
-def leave_process_group(accelerator) -> None:
+def check_output_folder(config, args) -> None:
+    """Before anything loads: --out must be a folder, and a folder that holds a run needs --resume or --overwrite
+    (``train.check_output``, whose message names the folder)."""
+    from .train import check_output
+
+    try:
+        check_output(Path(config.output_dir), args.resume, getattr(args, "overwrite", False))
+    except OSError as error:
+        raise UserError(f"--out {_one_line(error)}") from None
+
+
+def report(error: UserError) -> int:
+    """Print a user error as one line on stderr; exit status 2. Several processes, a run that ended on all of
+    them (``RunEnded``): a process whose own error it was prints it, then process 0 prints last."""
+    import sys
+
+    distributed = "torch" in sys.modules and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not (distributed and isinstance(error, RunEnded)):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rank = torch.distributed.get_rank()
+    if rank != 0 and error.own:
+        print(f"error: (process {rank}) {error}", file=sys.stderr, flush=True)
+    torch.distributed.barrier()
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    leave_process_group(None, status=2)
+
+
+def leave_process_group(accelerator, status: int = 0) -> None:
     """End a multi-process run without the interpreter's finalisation. The process group's gloo threads
     (gloo_tcp_loop, pt_gloo_runloop in /proc/self/task) can outlive ``destroy_process_group`` (DTensor's caches
     hold the device mesh, and through its _pg_registry the group), and
     a thread torn down while still running aborts the process at exit ("terminate called without an active
     exception", SIGABRT: seen on a loaded 2-core machine, issue 16). Everything is written and every process
-    is past the barrier, so the process leaves with status 0 at once."""
+    is past the barrier, so the process leaves with ``status`` at once."""
     import os
     import sys
 
-    accelerator.wait_for_everyone()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    else:
+        torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

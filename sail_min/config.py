@@ -172,6 +172,9 @@ class SAILConfig:
     """held-out prompts used for judge reward, win rate and KL"""
     checkpoint_every: int = 20
     """save a resumable checkpoint every this many steps (0 = only at the end)"""
+    judge_timeout_s: float = 0.0
+    """seconds a judge call may take before the run ends with a one-line error naming the judge and the
+    step (the last checkpoint kept, ready for --resume); 0 = wait as long as it takes"""
     output_dir: str = "outputs/run"
     """folder for config.json, metrics.jsonl, the checkpoint and diagnostics of skipped steps"""
 
@@ -179,7 +182,7 @@ class SAILConfig:
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         integer = lambda v: isinstance(v, int) and not isinstance(v, bool)                          # noqa: E731
         for name in ("route_dpo", "route_dp", "route_pp", "route_pr", "dp_label_coef", "pp_coef",
-                     "pr_response_coef", "weight_decay", "max_grad_norm"):
+                     "pr_response_coef", "weight_decay", "max_grad_norm", "judge_timeout_s"):
             if not (number(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         total = sum(self.route_probs)

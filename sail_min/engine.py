@@ -12,6 +12,8 @@
   stay matched);
 - checkpoints: ``gathered`` weights and optimiser state of a sharded run; ``check_in_sync`` at the end;
 - sampling: ``sampler`` builds the one ``sampling.Sampler`` of a call site from the config.
+- failures: ``together`` makes an error on one process (its judge, its disk) end every process, so none
+  waits forever in a collective; the others raise ``ProcessFailed`` with the failing process's one-line message.
 
 One process and no engine configured: no wrapper, no hook, nothing but autocast and the guard.
 """
@@ -39,6 +41,15 @@ class StepResult:
     """global gradient norm before clipping (nan when the step was not taken)"""
     loss_finite: bool
     """the loss was finite on every process"""
+
+
+class ProcessFailed(RuntimeError):
+    """Another process of the run failed (``Runtime.together``): its one-line message, its rank, and the kind of
+    error it raised (e.g. "JudgeError")."""
+
+    def __init__(self, message: str, rank: int, kind: str):
+        super().__init__(message)
+        self.rank, self.kind = rank, kind
 
 
 class Runtime:
@@ -131,7 +142,8 @@ class Runtime:
         if self.scaler:
             if loss_finite:
                 self.scaler.update()                               # lowers the scale after an overflow
-            else:
+            else:                                                  # (scale() first: a first step's scale is lazy)
+                self.scaler.scale(torch.zeros((), device=self.device))
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         return StepResult(taken=taken, grad_norm=grad_norm, loss_finite=loss_finite)
 
@@ -141,6 +153,30 @@ class Runtime:
             return finite
         total = self.accelerator.reduce(torch.tensor(float(finite), device=self.device), "sum")
         return bool(total == self.processes)
+
+    @contextmanager
+    def together(self):
+        """A block that every process enters: if it raises an ``Exception`` on one process, it raises on every
+        one, so no process waits forever in a collective of the next step. The failing process raises its own
+        error; the others raise ``ProcessFailed`` carrying the first failing process's one-line message. One
+        process: the block as it is. Several: one ``all_gather_object`` of the outcome at the block's end."""
+        try:
+            yield
+        except Exception as error:
+            if self.processes > 1:
+                self._outcomes(" ".join(str(error).split()) or type(error).__name__, type(error).__name__)
+            raise
+        else:
+            if self.processes > 1:
+                failed = self._outcomes(None, None)
+                if failed:
+                    rank, message, kind = failed[0]
+                    raise ProcessFailed(f"process {rank}: {message}", rank=rank, kind=kind)
+
+    def _outcomes(self, message, kind) -> list[tuple[int, str, str]]:
+        outcomes = [None] * self.processes
+        torch.distributed.all_gather_object(outcomes, (message, kind))
+        return [(rank, m, k) for rank, (m, k) in enumerate(outcomes) if m is not None]
 
     # ---- who does what -------------------------------------------------------------------------
     @property

@@ -146,6 +146,63 @@ def check_judge_scores(scores, expected: int, judge: Callable | str) -> torch.Te
     return values.float()
 
 
+class JudgeError(RuntimeError):
+    """A judge call failed: it raised, broke the contract or did not answer in time. The message is one
+    line naming the judge, the call (``where``: e.g. "at step 12") and the problem."""
+
+
+class CheckedJudge:
+    """The user's judge, held to the contract at EVERY call: what it returns passes ``check_judge_scores``,
+    and whatever goes wrong (an exception, a broken contract, no answer within ``timeout_s`` seconds) is a
+    ``JudgeError`` naming the judge, ``where`` (set by the caller, e.g. "at step 12") and the problem.
+    ``timeout_s`` 0 = wait as long as it takes; otherwise the call runs in a daemon thread that is
+    abandoned (not stopped: Python cannot stop a thread) when the time is up. Attributes of the judge
+    (e.g. a reward model's ``truncated``) pass through."""
+
+    def __init__(self, judge: Callable, timeout_s: float = 0.0, where: str = ""):
+        self.judge, self.timeout_s, self.where = judge, timeout_s, where
+        self.__name__ = judge_name(judge)
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        said = f"judge {self.__name__!r}{' ' + self.where if self.where else ''}"
+        try:
+            scores = self._call(prompts, responses)
+        except TimeoutError:
+            raise JudgeError(f"{said}: no answer within judge_timeout_s={self.timeout_s:g} s (a hung "
+                             f"reward server?)") from None
+        except Exception as error:
+            raise JudgeError(f"{said}: raised {' '.join(repr(error).split())}") from error
+        try:
+            return check_judge_scores(scores, len(responses), self.judge)
+        except ValueError as error:                          # "judge 'name' returned ...": the problem
+            problem = str(error).split(" returned ", 1)[-1]
+            raise JudgeError(f"{said}: returned {problem}") from None
+
+    def _call(self, prompts, responses):
+        if not self.timeout_s:
+            return self.judge(prompts, responses)
+        import threading
+        result = {}
+
+        def call():
+            try:
+                result["scores"] = self.judge(prompts, responses)
+            except BaseException as error:                   # re-raised in the caller's thread
+                result["error"] = error
+
+        thread = threading.Thread(target=call, name=f"judge {self.__name__}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            raise TimeoutError
+        if "error" in result:
+            raise result["error"]
+        return result["scores"]
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["judge"], name)
+
+
 # (a) dataset ------------------------------------------------------------------------------
 
 def dataset_labels(num_pairs: int) -> PairLabels:

@@ -2,7 +2,8 @@
 ``output_dir/metrics.jsonl``, evaluation lines carrying ``eval/*`` keys, and ``config.json``.
 
 ``step_record`` turns one step's loss and pairs into that line; ``open_metrics`` starts (or, on resume,
-trims) the file and ``append_metrics`` adds a line. Nothing here changes what is trained.
+trims) the file and ``append_metrics`` adds a line; ``SCHEMA`` lists every key a line can carry, with its
+type and when it is there. Nothing here changes what is trained.
 """
 from __future__ import annotations
 
@@ -14,6 +15,33 @@ import torch
 
 from .config import ROUTES, SAILConfig
 from .sampling import compile_stats
+
+NUMBER, OPTIONAL = (int, float), (int, float, type(None))
+SCHEMA = {   # name: (accepted types, when the line has it: "step" every line, "eval" evaluations, "skip" skipped steps)
+    "step": (int, "step"), "loss": (NUMBER, "step"), "loss/dpo": (NUMBER, "step"),
+    "loss/response": (OPTIONAL, "step"), "loss/label": (OPTIONAL, "step"),
+    "rewards/chosen": (NUMBER, "step"), "rewards/rejected": (NUMBER, "step"), "rewards/margins": (NUMBER, "step"),
+    "rewards/accuracies": (NUMBER, "step"),
+    **{f"pairs/{name}": (int, "step") for name in ROUTES},
+    "online/response_length": (OPTIONAL, "step"), "online/contains_eos": (OPTIONAL, "step"),
+    "time/generate": (NUMBER, "step"), "time/label": (NUMBER, "step"), "time/train": (NUMBER, "step"),
+    "tokens_per_second": (NUMBER, "step"), "compile/graphs": (int, "step"), "compile/seconds": (NUMBER, "step"),
+    "skipped_steps": (int, "step"), "truncated_prompts": (int, "step"), "truncated_responses": (int, "step"),
+    "judge_queries": (int, "step"), "grad_norm": (OPTIONAL, "step"), "clipped": (bool, "step"),
+    "judge_truncated_inputs": (int, "step"),
+    "grad_norm/dpo": (OPTIONAL, "eval"), "grad_norm/response": (NUMBER, "eval"), "grad_norm/label": (NUMBER, "eval"),
+    "eval/judge_reward": (NUMBER, "eval"), "eval/judge_reward_std": (NUMBER, "eval"),
+    "eval/reference_judge_reward": (NUMBER, "eval"), "eval/win_rate": (NUMBER, "eval"), "eval/kl": (NUMBER, "eval"),
+    "eval/response_length": (NUMBER, "eval"), "eval/contains_eos": (NUMBER, "eval"), "time/evaluate": (NUMBER, "eval"),
+    "skip/what": (str, "skip"), "skip/nonfinite_logp_rows": (dict, "skip"), "skip/nonfinite_grads": (list, "skip"),
+    "skip/inputs": (str, "skip"),
+}
+"""Every key of a metrics.jsonl line: its types (a bool is not a number here) and when a line has it: "step" on
+every line, "eval" on evaluation lines (one process: the per-term gradient norms too), "skip" on skipped steps."""
+
+
+class MetricsError(ValueError):
+    """A metrics.jsonl that cannot be continued: names the file, the line and what to do."""
 
 
 def step_record(step: int, loss, pairs, config: SAILConfig, seconds: dict, counters: dict, compiled_before: dict,
@@ -61,21 +89,54 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
 
 def open_metrics(out: Path, config: SAILConfig, start: int, resume: bool) -> list[dict]:
     """Write config.json; keep the metrics of steps before ``start`` (a resumed run redoes the rest).
-    A half-written last line (a run killed while writing) is dropped, with a warning."""
+
+    Resuming at step ``start`` > 0, what is wrong with the file is said (a warning) with what was done:
+    a half-written LAST line (a run killed while writing it) is dropped and its step redone; a missing file, or
+    one that ends before ``start``, is started (or continued) from ``start``, the earlier steps' lines lost.
+    A damaged line elsewhere (not JSON, not a record with a step) is a ``MetricsError`` naming the file and the
+    line: the run does not guess which steps it holds."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
     metrics_path = out / "metrics.jsonl"
+    kept = read_metrics(metrics_path, start) if resume else []
+    if resume and start > 0:
+        steps = {record["step"] for record in kept}
+        if not metrics_path.exists():
+            warnings.warn(f"{metrics_path} is missing: the metrics of steps 0-{start - 1} are lost; the file starts "
+                          f"again at step {start}", RuntimeWarning)
+        elif steps != set(range(start)):
+            lost = sorted(set(range(start)) - steps)
+            warnings.warn(f"{metrics_path} lacks the lines of {len(lost)} step(s) before {start} (first {lost[0]}): "
+                          f"they are lost; the file continues at step {start}", RuntimeWarning)
+    metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    return kept
+
+
+def read_metrics(path: Path, before: int) -> list[dict]:
+    """The lines of ``path`` (if it exists) of steps before ``before``; see ``open_metrics`` for damaged files."""
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise MetricsError(f"{path}: cannot be read ({error}); move it away to resume without the earlier "
+                           f"steps' metrics, or restore it") from None
     kept = []
-    for number, line in enumerate(metrics_path.read_text().splitlines() if (resume and metrics_path.exists()) else []):
+    for number, line in enumerate(lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            warnings.warn(f"{metrics_path} line {number + 1} is not complete JSON (a run killed while writing?): "
-                          "dropped, the step is redone", RuntimeWarning)
-            continue
-        if record.get("step", start) < start:
+            record = None
+            if number == len(lines) - 1:
+                warnings.warn(f"{path} line {number + 1} is not complete JSON (a run killed while writing?): "
+                              "dropped, the step is redone", RuntimeWarning)
+                continue
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            raise MetricsError(f"{path} line {number + 1}: not a metrics line (a JSON object with a step): the "
+                               f"file is damaged; repair or remove that line, or move the file away to resume "
+                               f"without the earlier steps' metrics")
+        if record["step"] < before:
             kept.append(record)
-    metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
     return kept
 
 

@@ -150,13 +150,13 @@ class Responses:
 # --------------------------------------------------------------------------------------
 # prompts: the text the policy continues, and cutting it to max_prompt_tokens
 # --------------------------------------------------------------------------------------
-TEXT_PROMPTS = ("chat", "text")
+PROMPT_FORMATS = ("chat", "text")
 
 
 def _render(tokenizer, prompt: Prompt, prompt_format: str = "chat", index: int = 0) -> tuple[str, bool]:
     """(text the policy continues, whether the tokenizer adds its special tokens to it)."""
-    if prompt_format not in TEXT_PROMPTS:
-        raise ValueError(f"prompt_format must be one of {TEXT_PROMPTS}, got {prompt_format!r}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
     if isinstance(prompt, str) and (tokenizer.chat_template is None or prompt_format == "text"):
         return prompt, True                        # plain text, with the tokenizer's BOS etc.
     if tokenizer.chat_template is None:

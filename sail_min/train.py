@@ -39,9 +39,13 @@ checkpoint (a sharded forward needs all of them). One process: no wrapper at all
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +54,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, restore
+from .checkpoint import load_checkpoint, remove_stray_temporaries, restore
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
 from .diagnostics import explain_skipped_step, term_gradient_norms
 from .engine import Runtime, attention_kernels, enable_gradient_checkpointing
-from .labels import PairLabels, check_judge_scores, implicit_reward_labels, reward_model_labels
+from .labels import (CheckedJudge, JudgeError, PairLabels, check_judge_scores, implicit_reward_labels,  # noqa: F401
+                     reward_model_labels)
 from .logprobs import ReferenceModel
 from .metrics import append_metrics, compilations_since, open_metrics, step_record
 from .objective import SAILLoss
@@ -289,26 +294,44 @@ def evaluate(policy, reference: ReferenceModel, sampler: Sampler, task: Task, ru
 # the loop
 # --------------------------------------------------------------------------------------
 def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = False,
-          accelerator: Accelerator | None = None, progress: bool = True) -> list[dict]:
+          accelerator: Accelerator | None = None, progress: bool = True, overwrite: bool = False) -> list[dict]:
     """Train ``policy`` in place with the SAIL surrogate; return the metrics of every step.
 
     The reference policy is a frozen copy of ``policy`` as passed in (or, for a PEFT model,
     the same weights with adapters disabled). With ``resume=True`` the run continues from
-    ``output_dir/checkpoint.pt`` and ends with the same metrics as an uninterrupted run.
+    ``output_dir/checkpoint.pt`` and ends with the same metrics as an uninterrupted run; the
+    checkpoint must be of this run's settings, training data and starting weights (the judge may
+    change). An ``output_dir`` that holds a run is refused (``OutputExistsError``) unless
+    ``resume=True`` or ``overwrite=True`` (its run files are then removed first).
+
+    How a run ends early: a judge that raises, breaks its contract or exceeds ``judge_timeout_s`` raises
+    ``JudgeError`` (one line: the judge, the step, the problem), on every process (the others raise
+    ``engine.ProcessFailed`` with that line); Ctrl-C raises ``KeyboardInterrupt``. Either way the last
+    checkpoint is kept as it was, ready for ``resume=True``, and metrics.jsonl has a line per step done.
     """
     runtime, out = Runtime(config, accelerator), Path(config.output_dir)
+    check_output(out, resume, overwrite)
     check_task(task, config, runtime)
     check_positions(policy, config.max_prompt_tokens, config.max_new_tokens)
+    if runtime.is_main:
+        clear_output(out, overwrite)
+    if not runtime.alone:
+        runtime.accelerator.wait_for_everyone()                           # every process checked before any writes
+    fingerprint = run_fingerprint(task, policy)                          # before any step changes the weights
+    judge = CheckedJudge(task.judge, config.judge_timeout_s)              # the contract, at every call
+    task = dataclasses.replace(task, judge=judge)
     policy.to(runtime.device).train()
     reference = ReferenceModel(policy)                                   # pi_ref = the policy as it starts
     optimizer = make_optimizer(config, policy)
-    start, counters = resume_from(out / "checkpoint.pt", policy, optimizer, runtime) if resume else (0, {})
+    start, counters = resume_from(out / "checkpoint.pt", policy, optimizer, runtime, fingerprint) if resume else (0, {})
     policy, optimizer = runtime.prepare(policy, optimizer, reference)   # checkpointing; DDP / FSDP2
     history = open_metrics(out, config, start, resume) if runtime.is_main else []
     compiled_before = compile_stats()                                    # the run's compilations, from here
     sampler = runtime.sampler(tokenizer, rows=2 * config.pairs_per_step)            # training samples: y1, y2
     eval_sampler = runtime.sampler(tokenizer, rows=min(config.eval_prompts, len(task.eval_prompts)))
-    reference_judge_scores = reference_scores(reference, tokenizer, task, runtime)
+    judge.where = "on the reference's samples (before step 0)"
+    with runtime.together():
+        reference_judge_scores = reference_scores(reference, tokenizer, task, runtime)
     judge_truncated_before = getattr(task.judge, "truncated", 0)        # judge inputs cut to its length
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {out}",
                disable=not (progress and runtime.is_main))
@@ -316,6 +339,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         torch.manual_seed(step_seed(config.seed, step, runtime.rank, "dropout"))     # dropout masks, if any
         new_round = step % config.reuse_steps == 0 or step == start                  # iterative rounds: reuse_steps
         evaluating = (step + 1) % config.eval_every == 0 or step + 1 == config.steps
+        judge.where = f"at step {step}"
         t0 = time.perf_counter()
         # ---------------------------------- ALGORITHM ----------------------------------
         if new_round:                                                                                 # 1. draw
@@ -324,8 +348,9 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         logps = score_pairs(policy, reference, pairs, runtime)                                        # 2. score
         t2 = time.perf_counter()
         if new_round:                                                                                 # 3. label
-            labels, judge_queries = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
-                step_seed(config.seed, step, runtime.rank, "labels")))
+            with runtime.together():                          # a judge failure on one process ends all
+                labels, judge_queries = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(
+                    step_seed(config.seed, step, runtime.rank, "labels")))
             old_logps = PairLogps(*(t.detach() for t in vars(logps).values()))  # pi_old: the round's label step
         t3 = time.perf_counter()
         loss = pair_loss(logps, labels, pairs.routes, config, old_logps if config.reuse_steps > 1 else None)  # 4.
@@ -341,16 +366,20 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
         seconds = {"generate": t1 - t0, "label": t3 - t2, "train": (t2 - t1) + (t4 - t3)}
         record = step_record(step, loss, pairs, config, seconds, counters, compiled_before, grad_norm, skipped,
                              term_norms, getattr(task.judge, "truncated", 0) - judge_truncated_before)
-        if evaluating and runtime.evaluates:                         # sharded: every process takes part
-            t5 = time.perf_counter()
-            record |= evaluate(policy, reference, eval_sampler, task, runtime, reference_judge_scores)
-            record |= {"time/evaluate": time.perf_counter() - t5} | compilations_since(compiled_before)
-            bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
-        if runtime.is_main:
-            history.append(record)
-            append_metrics(out, record, runtime.accelerator)
-        if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps:
-            runtime.save_checkpoint(out / "checkpoint.pt", policy, optimizer, next_step=step + 1, counters=counters)
+        checkpointing = (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or step + 1 == config.steps
+        with runtime.together():           # an error on one process (judge, disk) ends all: none waits forever
+            if evaluating and runtime.evaluates:                     # sharded: every process takes part
+                judge.where = f"at step {step}'s evaluation"
+                t5 = time.perf_counter()
+                record |= evaluate(policy, reference, eval_sampler, task, runtime, reference_judge_scores)
+                record |= {"time/evaluate": time.perf_counter() - t5} | compilations_since(compiled_before)
+                bar.set_postfix(reward=f"{record['eval/judge_reward']:.3f}", kl=f"{record['eval/kl']:.2f}")
+            if runtime.is_main:
+                history.append(record)
+                append_metrics(out, record, runtime.accelerator)
+            if checkpointing:
+                runtime.save_checkpoint(out / "checkpoint.pt", policy, optimizer, next_step=step + 1,
+                                        counters=counters, fingerprint=fingerprint)
     runtime.finish(policy)                                               # every process ends with the same weights
     return history
 
@@ -405,16 +434,70 @@ def update_counters(counters: dict, pairs: StepPairs, judge_queries: int, new_ro
     return counters
 
 
-def resume_from(path: Path, policy, optimizer, runtime: Runtime) -> tuple[int, dict]:
+def resume_from(path: Path, policy, optimizer, runtime: Runtime, fingerprint: dict | None = None) -> tuple[int, dict]:
     """(next step, counters) of the checkpoint at ``path``, its weights and optimiser state loaded; (0, {})
-    when there is none yet."""
+    when there is none yet. Read onto the CPU whatever the run's device (``load_checkpoint``)."""
     if not path.exists():
         return 0, {}
     if runtime.sharded:
         raise NotImplementedError("resuming a sharded (FSDP2) run is not implemented: its checkpoint "
                                   "holds the gathered trainable weights, load them into the model to start over")
-    state = load_checkpoint(path, map_location=runtime.device)
-    return restore(state, policy, optimizer, runtime.scaler, config=runtime.config.to_dict(), path=path)
+    state = load_checkpoint(path)
+    return restore(state, policy, optimizer, runtime.scaler, config=runtime.config.to_dict(), path=path,
+                   fingerprint=fingerprint)
+
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json")
+"""The files that make a folder hold a run: a new run never writes over them unasked."""
+
+
+class OutputExistsError(FileExistsError):
+    """``output_dir`` holds an earlier run and the new one was asked neither to resume nor to overwrite it."""
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``output_dir`` that is a file, or that holds a run when neither ``resume`` nor ``overwrite``."""
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True contradict each other: resume continues the run in "
+                         "output_dir, overwrite replaces it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: is a file, not a folder; choose a folder for the run's outputs (output_dir)")
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held and not resume and not overwrite:
+        raise OutputExistsError(f"{out} holds a run ({', '.join(held)}); continue it with --resume (resume=True), "
+                                f"replace it with --overwrite (overwrite=True), or choose another output folder")
+
+
+def clear_output(out: Path, overwrite: bool) -> None:
+    """Process 0, before the run writes: with ``overwrite`` the earlier run's files go; a checkpoint save that was
+    killed (SIGKILL) left a temporary file: it goes too, with a warning that says so."""
+    import shutil
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "skipped", ignore_errors=True)
+    stray = remove_stray_temporaries(out / "checkpoint.pt")
+    if stray:
+        warnings.warn(f"removed {len(stray)} temporary file(s) of a checkpoint save that was killed: "
+                      f"{', '.join(str(p) for p in stray)}; the checkpoint itself was not touched", RuntimeWarning)
+
+
+def run_fingerprint(task: Task, policy) -> dict:
+    """Digests of what a checkpoint must resume with: the training data (preferences, training and evaluation
+    prompts, in order) and the model's weights as passed in (per tensor: name, shape, dtype and sums, to 10
+    significant digits, so round-off of another device's reduction does not count). The judge is not in it."""
+    data = hashlib.sha256()
+    for part in (task.preferences, task.train_prompts, task.eval_prompts):
+        data.update(b"|")
+        for row in part:
+            data.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+    named = [(name, p.detach()) for name, p in policy.named_parameters()]
+    with torch.no_grad():
+        sums = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for _, p in named]).tolist() \
+            if named else []
+    weights = hashlib.sha256("".join(f"{name}{tuple(p.shape)}{p.dtype}{a:.10g}{b:.10g};" for (name, p), (a, b)
+                                     in zip(named, sums)).encode())
+    return {"data": data.hexdigest(), "weights": weights.hexdigest()}
 
 
 def check_task(task: Task, config: SAILConfig, runtime: Runtime) -> None:

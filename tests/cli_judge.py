@@ -28,3 +28,39 @@ def flaky(prompts, responses):
     if CALLS["flaky"] > 4:
         raise RuntimeError("judge service down")
     return word_count(prompts, responses)
+
+
+def nan_later(prompts, responses):
+    """Scores like word_count for its first 4 calls, then returns NaN for the first response (a broken contract
+    mid-run)."""
+    CALLS["nan_later"] = CALLS.get("nan_later", 0) + 1
+    scores = word_count(prompts, responses)
+    return scores if CALLS["nan_later"] <= 4 else [float("nan")] + scores[1:]
+
+
+def hangs_later(prompts, responses):
+    """Scores like word_count for its first 4 calls, then sleeps (a reward server that stopped answering)."""
+    import time
+    CALLS["hangs_later"] = CALLS.get("hangs_later", 0) + 1
+    if CALLS["hangs_later"] > 4:
+        time.sleep(30)
+    return word_count(prompts, responses)
+
+
+def fails_on_process_1(prompts, responses):
+    """Scores like word_count, except on process 1 (torchrun's RANK) from its 5th call on, and not at all once
+    the file named by $JUDGE_FIXED exists."""
+    import os
+    CALLS["fails_on_process_1"] = CALLS.get("fails_on_process_1", 0) + 1
+    fixed = os.path.exists(os.environ.get("JUDGE_FIXED", "/nonexistent"))
+    if os.environ.get("RANK") == "1" and CALLS["fails_on_process_1"] > 4 and not fixed:
+        raise RuntimeError("judge service down on process 1")
+    return word_count(prompts, responses)
+
+
+def interrupted(prompts, responses):
+    """Scores like word_count, except that its 5th call is where the user presses Ctrl-C."""
+    CALLS["interrupted"] = CALLS.get("interrupted", 0) + 1
+    if CALLS["interrupted"] == 5:
+        raise KeyboardInterrupt
+    return word_count(prompts, responses)

@@ -140,7 +140,7 @@ def test_dataset_routes_need_a_dataset():
 
 
 # --------------------------------------------------------------------------------------
-# equal label budgets, label reuse, expected labels (issue 11)
+# equal label budgets, label reuse, expected labels
 # --------------------------------------------------------------------------------------
 from sail_min.lab.bandit import batch_loss, draw_labels, route_counts  # noqa: E402
 from sail_min.lab.bandit_comparison import (  # noqa: E402
@@ -331,7 +331,7 @@ def test_table_shows_each_variant_beside_its_control_and_the_labels_spent():
 
 
 # --------------------------------------------------------------------------------------
-# one baseline for both halves; reused pairs; the public hook's scale (issue 17)
+# one baseline for both halves; reused pairs; the public hook's scale
 # --------------------------------------------------------------------------------------
 def test_bandit_and_training_loop_compute_the_same_baseline_on_a_batch_mixing_routes():
     """bandit.batch_loss and train.pair_loss on the same pairs: the same per-route leave-one-out baselines

@@ -185,7 +185,7 @@ def test_changed_settings_and_other_models_are_refused_before_loading(tmp_path):
     take_step(model, optimizer)
     save_checkpoint(path, model=model, optimizer=optimizer, next_step=3, counters=COUNTERS, config=CONFIG)
     state = load_checkpoint(path)
-    assert set(RESUMABLE_CHANGES) == {"steps", "output_dir", "eval_every", "checkpoint_every"}
+    assert set(RESUMABLE_CHANGES) == {"steps", "output_dir", "eval_every", "checkpoint_every", "judge_timeout_s"}
 
     fresh = tiny_qwen(1)
     before = trainable(fresh)
@@ -210,3 +210,42 @@ def test_changed_settings_and_other_models_are_refused_before_loading(tmp_path):
 
     with pytest.raises(CheckpointError, match="optimizer state does not fit"):
         restore(state, fresh, torch.optim.AdamW(list(fresh.parameters())[:2]), config=CONFIG)
+
+
+# --------------------------------------------------------------------------------------
+# every file the package loads, loaded safely
+# --------------------------------------------------------------------------------------
+def test_every_torch_load_in_the_package_is_weights_only_and_nothing_unpickles():
+    """Mutant: a ``torch.load`` without ``weights_only=True`` anywhere in sail_min (the skipped-step replay
+    included), or a plain ``pickle.load``: a crafted file would run code. Read from the source (the AST)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "sail_min"
+    loads, unsafe = [], []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            where = f"{path.relative_to(package.parent)}:{node.lineno} {name}"
+            if name.endswith(("pickle.load", "pickle.loads", "Unpickler", "numpy.load", "np.load", "dill.load")):
+                unsafe.append(where)
+            if name == "torch.load" or name.endswith(".torch.load"):
+                loads.append(where)
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                if not safe:
+                    unsafe.append(where)
+    assert not unsafe, unsafe
+    assert {where.split(":")[0] for where in loads} == {"sail_min/checkpoint.py", "sail_min/train.py"}
+
+
+def test_the_skipped_step_replay_refuses_a_crafted_file_without_running_it(tmp_path):
+    from sail_min.train import replay_skipped_step
+
+    target, path = tmp_path / "pwned", tmp_path / "step_000001.pt"
+    torch.save({"step": 1, "config": CONFIG, "routes": CreatesAFile(target)}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        replay_skipped_step(path, tiny_qwen())
+    assert not target.exists()

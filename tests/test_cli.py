@@ -67,7 +67,7 @@ def test_bad_arguments_are_rejected_with_a_message():
     assert proc.returncode == 2 and "--seeds" in proc.stderr
 
 
-# ---- `train` with your own model, data and judge (issue 10) ------------------------------------
+# ---- `train` with your own model, data and judge ------------------------------------
 import math  # noqa: E402
 import shutil  # noqa: E402
 
@@ -95,7 +95,7 @@ def metrics(out):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The issue's done-when command: a finished 2-step run of the tiny policy with the tiny reward model."""
+    """A finished 2-step run of the tiny policy with the tiny reward model, as the README's example."""
     out = tmp_path_factory.mktemp("cli") / "run"
     proc = run("train", *TINY, "--preset", "sail-pr", "--steps", "2", "--out", str(out), *SMALL)
     return out, proc
@@ -111,7 +111,7 @@ def in_process(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_the_issue_command_runs_as_written_on_a_small_file(tmp_path):
+def test_the_readme_command_runs_as_written_on_a_small_file(tmp_path):
     """The defaults (eval_prompts=64) on a 20-row file: a fifth of it is held out, the rest trains."""
     proc = subprocess.run([sys.executable, "-m", "sail_min", "train", "--model", "data/tiny/policy", "--data",
                            "data/tiny/preferences.jsonl", "--judge", "data/tiny/reward", "--preset", "sail-pr",
@@ -206,10 +206,16 @@ BAD_INPUTS = {   # name: (arguments replacing or added to TINY + SMALL, what the
                              "'no_such_module'"),
     "judge function missing": (["--judge", "cli_judge:absent"], "has no attribute 'absent'"),
     "judge not callable": (["--judge", "cli_judge:NOT_A_FUNCTION"], "cli_judge.NOT_A_FUNCTION is a int, not a callable"),
-    "judge breaks the contract": (["--judge", "cli_judge:one_score"], "--judge cli_judge:one_score: on the first "
-                                  "pair of --data: judge 'one_score' returned 1 scores for 2 responses"),
-    "a judge that raises": (["--judge", "cli_judge:raises"], "--judge cli_judge:raises raised "
-                            "RuntimeError('judge service down') on the first pair of --data"),
+    "judge breaks the contract": (["--judge", "cli_judge:one_score"], "judge 'cli_judge:one_score' on the first "
+                                  "pair of --data: returned 1 scores for 2 responses"),
+    "a judge that raises": (["--judge", "cli_judge:raises"], "judge 'cli_judge:raises' on the first pair of --data: "
+                            "raised RuntimeError('judge service down')"),
+    "a judge module with a syntax error": (["--judge", "broken_judge_syntax:score"], "--judge "
+                                           "broken_judge_syntax:score: module 'broken_judge_syntax' has a syntax "
+                                           "error ("),
+    "a judge module whose import raises": (["--judge", "broken_judge_import:score"], "--judge "
+                                           "broken_judge_import:score: importing module 'broken_judge_import' raised "
+                                           "'JUDGE_API_KEY' (KeyError)"),
     "a sequence classifier as --model": (["--model", "data/tiny/reward"], "--model data/tiny/reward: is a "
                                          "LlamaForSequenceClassification checkpoint, not a causal language model"),
     "--threads 0": (["--threads", "0"], "--threads must be >= 1, got 0"),
@@ -229,6 +235,9 @@ def test_bad_input_exits_2_with_one_line_naming_it(name, in_process, tmp_path, c
     _write(tmp_path / "bad.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
                                    '{"prompt": "a", "chosen": "", "rejected": "c"}\n')
     _write(tmp_path / "prompts.jsonl", '{"prompt": "a"}\n{"prompt": " "}\n')
+    _write(tmp_path / "broken_judge_syntax.py", "def score(prompts, responses) return []\n")
+    _write(tmp_path / "broken_judge_import.py", "import os\nKEY = os.environ['JUDGE_API_KEY']\n")
+    sys.path.insert(0, str(tmp_path))
     _write(tmp_path / "four.jsonl", "".join(f'{{"prompt": "p{i}", "chosen": "b", "rejected": "c"}}\n' for i in range(4)))
     argv = TINY + SMALL + ["--out", str(tmp_path / "out"), "--steps", "1"]
     for option, value in zip(changes[::2], changes[1::2]):
@@ -238,7 +247,10 @@ def test_bad_input_exits_2_with_one_line_naming_it(name, in_process, tmp_path, c
         else:
             argv += [option, value]
     argv = [arg.format(tmp=tmp_path) for arg in argv]
-    code = main(["train", *argv])
+    try:
+        code = main(["train", *argv])
+    finally:
+        sys.path.remove(str(tmp_path))
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert expected.format(tmp=tmp_path) in err
@@ -290,14 +302,16 @@ def test_settings_precedence_config_preset_set_flags(tmp_path):
     """defaults < --config < --preset (replaces routes and coefficients) < --set < --steps/--seed/--out."""
     import argparse
 
-    from sail_min.cli import build_config
+    from sail_min.cli import UserError, build_config
     from sail_min.config import SAILConfig
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(SAILConfig.preset("sail-dp", lr=1e-3, steps=5, output_dir="old").to_dict()))
-    args = dict(config=str(path), preset=None, set=None, steps=None, seed=None, out=None)
-    same = build_config(argparse.Namespace(**args))
+    args = dict(config=str(path), preset=None, set=None, steps=None, seed=None, out=None, resume=True)
+    same = build_config(argparse.Namespace(**args))               # resuming: the config's own output_dir
     assert same == SAILConfig.preset("sail-dp", lr=1e-3, steps=5, output_dir="old")
+    with pytest.raises(UserError, match="its output_dir 'old' is the folder of the run it came from"):
+        build_config(argparse.Namespace(**{**args, "resume": False}))    # a new run: never into that folder
     changed = build_config(argparse.Namespace(**{**args, "preset": "sail-pr", "set": ["steps=7", "lr=2e-3"],
                                                  "steps": 9, "out": "new"}))
     assert changed == SAILConfig.preset("sail-pr", lr=2e-3, steps=9, output_dir="new")     # route_dp back to 0
@@ -359,22 +373,30 @@ def test_a_causal_lm_without_its_lm_head_is_refused(in_process, tmp_path, capsys
     assert err.startswith(f"error: --model {model}: the checkpoint has no lm_head.weight"), err
 
 
-def test_a_judge_that_raises_mid_run_keeps_the_checkpoint_and_says_how_to_resume(in_process, tmp_path, capsys,
-                                                                                  monkeypatch):
+@pytest.mark.parametrize("judge, problem", [
+    ("flaky", "raised RuntimeError('judge service down')"),
+    ("nan_later", "returned 4 scores for 4 responses; score 0 is nan (1 of 4 not finite)"),
+    ("hangs_later", "no answer within judge_timeout_s=2 s (a hung reward server?)"),
+])
+def test_a_judge_that_fails_mid_run_keeps_the_checkpoint_and_says_how_to_resume(in_process, tmp_path, capsys,
+                                                                                 monkeypatch, judge, problem):
+    """The judge contract holds at every call, not only on the first pair: a judge that raises, returns NaN, or
+    sleeps past judge_timeout_s at its 5th call (a training step) ends the run in one line naming the judge,
+    the step and the problem, with the last checkpoint kept and the command that resumes it."""
     import cli_judge
-    monkeypatch.setitem(cli_judge.CALLS, "flaky", 0)
+    monkeypatch.setitem(cli_judge.CALLS, judge, 0)
     out = tmp_path / "run"
     argv = ["train", *TINY, *SMALL, "--preset", "online-dpo", "--steps", "6", "--out", str(out),
-            "--set", "checkpoint_every=1"]
-    argv[argv.index("data/tiny/reward")] = "cli_judge:flaky"
-    assert main(argv) == 2                       # the 5th judge call, in a training step, raises
+            "--set", "checkpoint_every=1", "--set", "judge_timeout_s=2"]
+    argv[argv.index("data/tiny/reward")] = f"cli_judge:{judge}"
+    assert main(argv) == 2                       # the 5th judge call, in a training step, fails
     done = load_checkpoint(out / "checkpoint.pt")["next_step"]
     assert 1 <= done < 6 and len(metrics(out)) == done
     err = capsys.readouterr().err.strip()          # after the progress bar: one error line
-    assert err.splitlines()[-1:] == [f"error: --judge cli_judge:flaky raised RuntimeError('judge service down') during "
-                                     f"training; the checkpoint {out / 'checkpoint.pt'} of the first {done} step(s) is "
-                                     f"kept: fix the judge and run the same command with --resume"]
-    monkeypatch.setitem(cli_judge.CALLS, "flaky", -100)          # the judge is fixed
+    assert err.splitlines()[-1] == (f"error: judge 'cli_judge:{judge}' at step {done}: {problem}; the checkpoint "
+                                    f"{out / 'checkpoint.pt'} of the first {done} step(s) is kept; go on from it "
+                                    f"with: python -m sail_min {' '.join(argv)} --resume")
+    monkeypatch.setitem(cli_judge.CALLS, judge, -100)          # the judge is fixed
     assert main([*argv, "--resume"]) == 0
     assert [row["step"] for row in metrics(out)] == list(range(6))
 

@@ -93,3 +93,12 @@ def test_prompt_format_is_read_under_its_deprecated_name():
     with pytest.raises(ValueError, match="both 'text_prompts'"):
         SAILConfig.from_dict({"text_prompts": "text", "prompt_format": "chat"})
     assert SAILConfig.choices()["prompt_format"] == ("chat", "text")
+def test_the_config_s_choice_lists_are_the_sampler_s():
+    """A value SAILConfig accepts is one the sampler accepts, and the other way round: the generation settings'
+    choices (``SAILConfig.choices()``) equal what ``sail_min.sampling`` defines and checks."""
+    from sail_min import sampling
+
+    choices = SAILConfig.choices()
+    assert choices["generation_cache"] == sampling.CACHES
+    assert choices["generation_compile"] == tuple(sampling.COMPILE_MODES)
+    assert choices["prompt_format"] == sampling.PROMPT_FORMATS

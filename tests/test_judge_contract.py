@@ -100,3 +100,50 @@ def test_judge_names():
     assert judge_name("eval judge") == "eval judge"
     with pytest.raises(ValueError, match="judge 'LengthJudge' returned 2 scores for 3 responses"):
         check_judge_scores(LengthJudge()(PROMPTS, ["x", "y"]), 3, LengthJudge())
+
+
+# ---- the contract at every call: CheckedJudge ------------------------------------------------------
+def test_every_call_is_held_to_the_contract_and_named_where_it_happened():
+    import time
+
+    from sail_min.labels import CheckedJudge, JudgeError
+
+    calls = {"n": 0}
+
+    def later_broken(prompts, responses):
+        calls["n"] += 1
+        return [1.0] * len(responses) if calls["n"] == 1 else [float("nan")] * len(responses)
+
+    judge = CheckedJudge(later_broken, where="at step 0")
+    assert judge(["x"] * 2, ["a", "b"]).tolist() == [1.0, 1.0]
+    judge.where = "at step 7"
+    with pytest.raises(JudgeError, match=r"^judge 'later_broken' at step 7: returned 2 scores for 2 responses; "
+                                         r"score 0 is nan \(2 of 2 not finite\)$"):
+        judge(["x"] * 2, ["a", "b"])
+
+    def too_few(prompts, responses):
+        return [0.0]
+
+    with pytest.raises(JudgeError, match="judge 'too_few' at step 3: returned 1 scores for 2 responses"):
+        CheckedJudge(too_few, where="at step 3")(["x"] * 2, ["a", "b"])
+
+    def huge(prompts, responses):
+        return [1e39] * len(responses)
+
+    with pytest.raises(JudgeError, match="score 0 is 1e\\+39, too large for float32"):
+        CheckedJudge(huge)(["x"], ["a"])
+
+    def sleeps(prompts, responses):
+        time.sleep(5)
+        return [0.0] * len(responses)
+
+    start = time.perf_counter()
+    with pytest.raises(JudgeError, match=r"judge 'sleeps' at step 2: no answer within judge_timeout_s=0.2 s"):
+        CheckedJudge(sleeps, timeout_s=0.2, where="at step 2")(["x"], ["a"])
+    assert time.perf_counter() - start < 2
+
+    def raises(prompts, responses):
+        raise ConnectionError("reward server refused")
+
+    with pytest.raises(JudgeError, match=r"judge 'raises': raised ConnectionError\('reward server refused'\)"):
+        CheckedJudge(raises, timeout_s=1.0)(["x"], ["a"])          # through the timeout's thread too

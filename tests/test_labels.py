@@ -18,7 +18,11 @@ from sail_min.labels import (
     reward_model_labels,
     reward_scores,
 )
+from types import SimpleNamespace
+from sail_min.config import ROUTES, SAILConfig
+from sail_min.train import PairLogps, StepPairs, Task, label_pairs
 
+PR = ROUTES.index("pr")
 TINY = Path(__file__).resolve().parents[1] / "data" / "tiny"
 PROMPTS = ["Tell me about the market.",
            [{"role": "user", "content": "Say something about a blue kite."}],
@@ -172,3 +176,61 @@ def test_conversational_rows_score_like_plain_ones(reward_model, reward_tokenize
     scorer = RewardModelScorer(reward_model, reward_tokenizer)
     as_messages = scorer([[{"role": "user", "content": PROMPTS[0]}]], [[{"role": "assistant", "content": RESPONSES[0]}]])
     torch.testing.assert_close(as_messages, scorer([PROMPTS[0]], [RESPONSES[0]]))
+
+
+# ---- the judge's Bradley-Terry temperature divides the scores ------------------------------
+def test_judge_scores_are_divided_by_the_temperature():
+    """Mutant: ``label_pairs`` multiplies the judge's scores by ``judge_temperature`` instead of dividing.
+    T = 0.01 and score gaps of +-1: P(y1 > y2) = sig(+-100), 1 or 0 in float32, so every label is the
+    better response; multiplied, P = sig(+-0.01), about 1/2, and 64 pairs all agreeing has
+    probability 2^-64 (and the generator is seeded: the test is deterministic)."""
+    n = 64
+    gaps = torch.tensor([1.0 if i % 3 else -1.0 for i in range(n)])
+    scores = {f"a{i}": 0.5 * i for i in range(n)} | {f"b{i}": 0.5 * i - float(gaps[i]) for i in range(n)}
+
+    def judge(prompts, responses):
+        return [scores[r] for r in responses]
+
+    pairs = StepPairs(routes=torch.full((n,), PR), prompts=["x"] * n, first=SimpleNamespace(texts=[f"a{i}" for i in range(n)]),
+                      second=SimpleNamespace(texts=[f"b{i}" for i in range(n)]), truncated_prompts=0)
+    zeros = torch.zeros(n)
+    logps = PairLogps(zeros, zeros, zeros, zeros)
+    config = SAILConfig(route_dpo=0.0, route_pr=1.0)
+    task = Task([], ["x"], ["x"], judge, judge_temperature=0.01)
+    labels, calls = label_pairs(pairs, logps, task, config, torch.Generator().manual_seed(0))
+    assert calls == 2 * n
+    assert labels.first_is_chosen.tolist() == (gaps > 0).tolist()
+
+
+# ---- the judge's length limit: cut from the start, counted ---------------------------------
+@pytest.fixture(scope="module")
+def reward_pair(reward_model, reward_tokenizer):
+    return reward_model, reward_tokenizer
+
+
+def test_a_judge_input_over_the_limit_is_scored_on_its_last_tokens_and_counted(reward_pair):
+    """Mutant: ``RewardModelScorer`` truncates on the right (keeping the prompt, losing the response)
+    or miscounts. (Found by this test: transformers 5 ignores ``truncation_side=`` as a call argument,
+    so the scorer cut on the right; it now sets the tokenizer's attribute for the call and restores it.) A text of n tokens under a limit L = n - 6 scores as its last L tokens alone and
+    counts 1; a text of exactly L tokens is not cut and not counted."""
+    model, tokenizer = reward_pair
+    side = tokenizer.truncation_side
+    prompt, response = "Tell me about the market.", "The market is lovely and calm, bright and kind."
+    ids = tokenizer(RewardModelScorer(model, tokenizer).render(prompt, response), add_special_tokens=False).input_ids
+    limit = len(ids) - 6
+
+    scorer = RewardModelScorer(model, tokenizer, max_length=limit)
+    score = scorer([prompt], [response])
+    with torch.no_grad():
+        last = reward_scores(model, torch.tensor([ids[-limit:]]), torch.ones(1, limit, dtype=torch.long))
+        first = reward_scores(model, torch.tensor([ids[:limit]]), torch.ones(1, limit, dtype=torch.long))
+    torch.testing.assert_close(score, last, rtol=0, atol=1e-5)               # one row, the same tokens
+    assert (first - last).abs().item() > 1e-3                                # the side matters here
+    assert scorer.truncated == 1
+
+    exact = RewardModelScorer(model, tokenizer, max_length=len(ids))
+    with torch.no_grad():
+        whole = reward_scores(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    torch.testing.assert_close(exact([prompt], [response]), whole, rtol=0, atol=1e-5)
+    assert exact.truncated == 0
+    assert tokenizer.truncation_side == side                                 # the caller's tokenizer as it was

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sail_min.logprobs import ReferenceModel, sequence_logprobs
+from transformers import GPT2Config, GPT2LMHeadModel
 
 POLICY_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny" / "policy"
 
@@ -164,3 +165,74 @@ def test_lora_reference_is_the_base_model_without_a_copy():
     assert policy.training
     with torch.no_grad():
         torch.testing.assert_close(sequence_logprobs(policy.eval(), ids, attention, response), adapted)
+
+
+# ---- position ids on an absolute-position model (GPT-2) ------------------------------------
+GPT2_ROWS = [([5, 17, 23], [40, 41, 2]),                 # (prompt ids, response ids), all lengths differ
+        ([7], [30, 31, 32, 33, 34, 2]),
+        ([9, 10, 11, 12, 13, 14], [60]),
+        ([20, 21], [50, 51, 52, 53])]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64,
+                        bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    model = GPT2LMHeadModel(config).eval()                               # eval: no dropout
+    with torch.no_grad():                                                # make positions matter a lot
+        model.transformer.wpe.weight.normal_(std=1.0)
+    return model
+
+
+def padded_gpt2(rows, side, pad_id=0):
+    """Rows padded on the left, the right, or 'mixed' (prompts left-padded, responses right-padded)."""
+    ids, attention, response = [], [], []
+    prompt_len, response_len = max(len(p) for p, _ in rows), max(len(r) for _, r in rows)
+    length = max(len(p) + len(r) for p, r in rows)
+    for p, r in rows:
+        if side == "mixed":
+            left, right = prompt_len - len(p), response_len - len(r)
+        elif side == "left":
+            left, right = length - len(p) - len(r), 0
+        else:
+            left, right = 0, length - len(p) - len(r)
+        ids.append([pad_id] * left + p + r + [pad_id] * right)
+        attention.append([0] * left + [1] * (len(p) + len(r)) + [0] * right)
+        response.append([0] * (left + len(p)) + [1] * len(r) + [0] * right)
+    return torch.tensor(ids), torch.tensor(attention), torch.tensor(response)
+
+
+def gpt2_alone(model, prompt, response):
+    """One row, no padding: positions 0..L-1 whatever sequence_logprobs passes."""
+    ids = torch.tensor([prompt + response])
+    return sequence_logprobs(model, ids, torch.ones_like(ids), torch.tensor([[0] * len(prompt) + [1] * len(response)]))[0]
+
+
+def test_gpt2_alone_matches_a_plain_forward(gpt2):
+    """sequence_logprobs works on GPT-2 (``get_decoder`` + ``get_output_embeddings``)."""
+    for p, r in GPT2_ROWS:
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            token_logprobs = gpt2(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            torch.testing.assert_close(gpt2_alone(gpt2, p, r), token_logprobs[len(p) - 1:].sum(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "mixed"])
+def test_gpt2_padded_rows_equal_rows_alone_values_and_gradients(gpt2, side):
+    """Mutant: ``sequence_logprobs`` passes no position_ids (or counts padding in them)."""
+    ids, attention, response = padded_gpt2(GPT2_ROWS, side)
+    weights = torch.tensor([0.5, -1.0, 2.0, 1.5])                       # an arbitrary linear loss
+
+    gpt2.zero_grad()
+    batch = sequence_logprobs(gpt2, ids, attention, response, chunk_size=3)
+    (weights * batch).sum().backward()
+    batch_grads = {n: p.grad.clone() for n, p in gpt2.named_parameters()}
+
+    gpt2.zero_grad()
+    single = torch.stack([gpt2_alone(gpt2, p, r) for p, r in GPT2_ROWS])
+    (weights * single).sum().backward()
+    torch.testing.assert_close(batch.detach(), single.detach(), atol=1e-5, rtol=0)
+    for name, param in gpt2.named_parameters():
+        torch.testing.assert_close(batch_grads[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    gpt2.zero_grad()

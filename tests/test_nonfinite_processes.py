@@ -1,6 +1,6 @@
 """A non-finite step on ONE of two processes (gloo, CPU; ``tests/sharded_run.py`` under torchrun).
 
-Issue 18: every process must run backward, whose collectives (DDP's all-reduce, FSDP2's reduce-scatter)
+Every process must run backward, whose collectives (DDP's all-reduce, FSDP2's reduce-scatter)
 wait for all of them, and then all must agree to skip: a step is taken only if the loss and the gradient
 are finite on ALL processes. Each run is one step (``steps=1``) with the fault on process 1 only; it
 must end (a hang is killed after ``TIMEOUT`` seconds and fails the test), skip the step on both processes
@@ -55,7 +55,7 @@ def assert_skipped_on_both_with_the_starting_weights(ranks):
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_a_nan_loss_on_one_process_skips_the_step_on_both_and_ends(engine, tmp_path):
-    """Bug (issue 18): ``optimizer_step`` skipped ``backward()`` on a process whose loss is not finite,
+    """Bug: the step skipped ``backward()`` on a process whose loss is not finite,
     so the other process waited in backward's collectives (a hang, or collectives mismatched). Now every
     process runs backward (a non-finite loss as a zero, same graph) and all agree to skip."""
     assert_skipped_on_both_with_the_starting_weights(run_with_a_fault(tmp_path, engine, "nan-loss"))

@@ -189,3 +189,35 @@ def test_expected_labels_equal_the_mean_over_sampled_labels():
     dpo_only = sail_loss(pw, pl, rw, rl, beta, expected_labels=every)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(dpo_only.loss, (pw, pl)))  # sg[H]
     assert torch.allclose(expected.dpo, -(p * p.log() + (1 - p) * (1 - p).log()))   # H(sig z)
+
+
+# ---- the leave-one-out baseline is subtracted, by value ----------------------------------------
+def test_loo_baseline_by_hand_with_interleaved_groups():
+    values = torch.tensor([1.0, 10.0, 2.0, 20.0, 6.0, 5.0], dtype=F64)
+    groups = torch.tensor([7, 3, 7, 3, 7, 9])          # ids need not be 0..n-1 or contiguous
+    # group 7: {1, 2, 6}; group 3: {10, 20}; group 9: {5} alone -> 0
+    expected = [(2 + 6) / 2, 20 / 1, (1 + 6) / 2, 10 / 1, (1 + 2) / 2, 0.0]
+    assert loo_baseline(values, groups).tolist() == expected
+    # no groups: one group of all six
+    total = sum(values.tolist())
+    assert torch.allclose(loo_baseline(values), torch.tensor([(total - v) / 5 for v in values.tolist()], dtype=F64))
+
+
+def test_response_term_subtracts_the_loo_baseline():
+    """Mutant: ``response_term`` computes b but returns f * (l_w + l_l) (or f + b)."""
+    z = torch.tensor([-2.0, 0.5, 1.0, 3.0], dtype=F64)
+    l_w = torch.tensor([-5.0, -7.0, -3.0, -9.0], dtype=F64, requires_grad=True)
+    l_l = torch.tensor([-6.0, -4.0, -8.0, -2.0], dtype=F64, requires_grad=True)
+    f = [-F.logsigmoid(torch.tensor(v, dtype=F64)).item() for v in z.tolist()]
+    b = [(sum(f) - f_i) / 3 for f_i in f]                                 # leave-one-out mean, by hand
+    expected = torch.tensor([(f_i - b_i) * (w + l) for f_i, b_i, w, l in
+                             zip(f, b, l_w.tolist(), l_l.tolist())], dtype=F64)
+
+    with_loo = response_term(z, l_w, l_l, baseline="loo")
+    torch.testing.assert_close(with_loo, expected, rtol=1e-12, atol=1e-12)
+    without = response_term(z, l_w, l_l, baseline="none")
+    torch.testing.assert_close(without, torch.tensor(f, dtype=F64) * (l_w + l_l).detach())
+    assert (with_loo - without).abs().min() > 0.1                        # the baseline matters here
+    with_loo.sum().backward()                                             # gradient weight: f - b
+    torch.testing.assert_close(l_w.grad, torch.tensor(f, dtype=F64) - torch.tensor(b, dtype=F64))
+    torch.testing.assert_close(response_term(z, l_w, l_l, baseline=torch.tensor(b, dtype=F64)), with_loo)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sail_min.logprobs import sequence_logprobs
-from sail_min.sampling import encode_responses, render_prompts, sample_responses
+from sail_min.sampling import encode_responses, render_prompts, sample_responses, truncate_prompts_left
 
 POLICY_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny" / "policy"
 PROMPTS = ["Tell me about the market.",
@@ -414,3 +414,27 @@ def test_static_path_generates_without_autocast_when_autocast_is_not_the_weights
                              batch_rows=2, prompt_length=32)
     assert seen == [("static", False), (None, True), ("static", True)]
     assert not torch.is_autocast_enabled("cpu")
+# ---- prompts cut to max_prompt_tokens from the left ----------------------------------------
+def test_truncation_keeps_the_end_of_long_prompts():
+    from sail_min.lab.sentiment import load_base_model, load_sentiment_task
+    _, tokenizer = load_base_model()
+    prompt = load_sentiment_task().train_prompts[0]
+    n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    out, cut = truncate_prompts_left(tokenizer, [prompt, prompt], n - 2)     # n - 2 tokens, <bos> included
+    assert cut == 2 and prompt.endswith(out[0]) and len(tokenizer(out[0]).input_ids) == n - 2
+    assert truncate_prompts_left(tokenizer, [prompt], n + 1) == ([prompt], 0)    # n words + <bos> fit
+
+
+def test_conversations_are_truncated_from_the_left_with_the_template_kept():
+    tokenizer = AutoTokenizer.from_pretrained(POLICY_DIR)   # has a chat template
+    length = lambda m: len(tokenizer(render_prompts(tokenizer, [m])[0], add_special_tokens=False).input_ids)
+    question = "tell me about the market and the sea " * 10 + "and end here please"
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
+                    {"role": "assistant", "content": "hi"}, {"role": "user", "content": question}]
+    limit = length(conversation[:1] + conversation[3:]) - 20
+    (cut,), count = truncate_prompts_left(tokenizer, [conversation], limit)
+    assert count == 1 and length(cut) <= limit
+    assert [m["role"] for m in cut] == ["system", "user"]                    # oldest turns dropped first
+    assert cut[1]["content"].endswith("and end here please") and len(cut[1]["content"]) < len(question)
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        truncate_prompts_left(tokenizer, [conversation], 3)

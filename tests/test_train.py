@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sail_min.config import SAILConfig
-from sail_min.lab.sentiment import load_base_model, load_sentiment_task
+import sail_min.train as train_module
 from sail_min.checkpoint import load_checkpoint
-from sail_min.sampling import truncate_prompts_left
-from sail_min.train import replay_skipped_step
-from sail_min.train import Task, train
+from sail_min.config import ROUTES, SAILConfig
+from sail_min.labels import PairLabels
+from sail_min.lab.sentiment import load_base_model, load_sentiment_task
+from sail_min.train import PairLogps, Task, pair_loss, replay_skipped_step, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DP, PP, PR = (ROUTES.index(name) for name in ("dp", "pp", "pr"))
 SMALL = dict(steps=4, pairs_per_step=6, eval_every=2, eval_prompts=8, checkpoint_every=2)
 
 
@@ -34,32 +36,6 @@ def make_task(sentiment, judge=None):
 def strip_timing(history):
     drop = ("time/", "tokens_per_second")
     return [{k: v for k, v in h.items() if not k.startswith(drop)} for h in history]
-
-
-def test_truncation_keeps_the_end_of_long_prompts(sentiment):
-    _, tokenizer = load_base_model()
-    prompt = sentiment.train_prompts[0]
-    n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-    out, cut = truncate_prompts_left(tokenizer, [prompt, prompt], n - 2)     # n - 2 tokens, <bos> included
-    assert cut == 2 and prompt.endswith(out[0]) and len(tokenizer(out[0]).input_ids) == n - 2
-    assert truncate_prompts_left(tokenizer, [prompt], n + 1) == ([prompt], 0)    # n words + <bos> fit
-
-
-def test_conversations_are_truncated_from_the_left_with_the_template_kept():
-    from transformers import AutoTokenizer
-    from sail_min.sampling import render_prompts
-    tokenizer = AutoTokenizer.from_pretrained(Path(ROOT) / "data" / "tiny" / "policy")   # has a chat template
-    length = lambda m: len(tokenizer(render_prompts(tokenizer, [m])[0], add_special_tokens=False).input_ids)
-    question = "tell me about the market and the sea " * 10 + "and end here please"
-    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
-                    {"role": "assistant", "content": "hi"}, {"role": "user", "content": question}]
-    limit = length(conversation[:1] + conversation[3:]) - 20
-    (cut,), count = truncate_prompts_left(tokenizer, [conversation], limit)
-    assert count == 1 and length(cut) <= limit
-    assert [m["role"] for m in cut] == ["system", "user"]                    # oldest turns dropped first
-    assert cut[1]["content"].endswith("and end here please") and len(cut[1]["content"]) < len(question)
-    with pytest.raises(ValueError, match="max_prompt_tokens"):
-        truncate_prompts_left(tokenizer, [conversation], 3)
 
 
 def test_training_is_deterministic_logs_every_term_and_resumes_exactly(sentiment, tmp_path):
@@ -313,7 +289,7 @@ def test_expected_self_labels_and_per_term_gradient_norms_are_logged(sentiment, 
 @pytest.mark.parametrize("allowed", [False, True])
 def test_the_training_step_runs_attention_without_cudnn_in_forward_backward_and_recompute(sentiment, tmp_path, allowed):
     """cuDNN's attention backward returns NaN query gradients on H100/H200 for seq_len % 128 == 64 with
-    a mask (pytorch#196678): the GPU skips of issue 8. The kernel cannot run on a CPU, so this checks the
+    a mask (pytorch#196678): the skipped steps seen on H100/H200 GPUs. The kernel cannot run on a CPU, so this checks the
     guard itself: every attention call of a training pass (forward, the checkpointed recompute during
     backward, the per-term gradients) and every attention gradient sees the flag off; with
     ``cudnn_attention=True`` it stays on, and the process-wide flag is restored after the run."""
@@ -362,9 +338,171 @@ def compilations(sentiment, tmp_path, shapes: str) -> list[int]:
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
 def test_fixed_generation_shapes_compile_at_most_twice_per_run_whatever_the_routing(sentiment, tmp_path):
-    """Issue 8's bound: SAIL-PR's online prompts vary in number and length from step to step; fixed shapes pad
+    """The compilation bound: SAIL-PR's online prompts vary in number and length from step to step; fixed shapes pad
     every training sample to one shape and every evaluation to another, and nothing else may recompile (a guard
     on the model's mode, dtype or adapters would). Measured on the CPU, "bucketed" shapes also stopped at 2 here:
     dynamo's second graph takes dynamic sizes; on a GPU each new size of such a graph records new CUDA graphs."""
     graphs = compilations(sentiment, tmp_path, "fixed")
     assert 1 <= graphs[-1] <= 2 and graphs == sorted(graphs)
+
+
+def test_under_reuse_steps_every_dataset_row_is_seen_once_per_pass(sentiment):
+    """Mutant: under ``reuse_steps > 1`` the dataset slots advance every STEP instead of every round, so a pass
+    skips rows. Rounds of 2 steps draw at steps 0, 2, 4, ...; 10 rows in rounds of 5 pairs: each pair of rounds
+    is one pass, every row once."""
+    from sail_min.engine import Runtime
+    from sail_min.train import draw_pairs
+    policy, tokenizer = load_base_model()
+    rows = sentiment.preferences()[:10]
+    task = Task(rows, sentiment.train_prompts[:4], sentiment.eval_prompts[:4], sentiment.judge)
+    config = SAILConfig.preset("offline-dpo", pairs_per_step=5, reuse_steps=2, checkpoint_every=2)
+    sampler = Runtime(config).sampler(tokenizer, rows=2 * config.pairs_per_step)
+    for first_round in (0, 4):                             # two passes: rounds at steps 0, 2 and 4, 6
+        seen = [t for step in (first_round, first_round + 2)
+                for t in draw_pairs(policy, sampler, task, config, step).first.texts]
+        assert sorted(seen) == sorted(r["chosen"] for r in rows)
+
+
+# ---- a finite step moves the weights, a non-finite one is skipped (through the public loop) ------
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def poison(policy, fault):
+    """Make the policy's training forward passes non-finite: its loss ("loss") or only its
+    gradient ("gradient"). Forward passes without gradient (sampling, evaluation) and the
+    reference model (a copy, another module) are left alone."""
+    decoder = policy.get_decoder()
+
+    def hook(module, inputs, output):
+        if module is not decoder or not torch.is_grad_enabled():
+            return None
+        hidden = output.last_hidden_state
+        if fault == "loss":
+            output.last_hidden_state = hidden * float("nan")
+        else:
+            hidden.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        return output
+
+    decoder.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("fault", [None, "loss", "gradient"])
+def test_a_finite_step_moves_the_weights_and_a_non_finite_one_does_not(sentiment, tmp_path, one_thread, fault):
+    """Mutant: the loop's skip check inverted (never steps on a finite step) or ignored.
+
+    A NaN loss never reaches backward, so only the "gradient" fault (finite loss, NaN gradient)
+    catches a loop that steps regardless: its NaN weights then fail the run or the assertion."""
+    policy, tokenizer = load_base_model()
+    task = Task(sentiment.preferences()[:8], sentiment.train_prompts[:8], sentiment.eval_prompts,
+                sentiment.judge, sentiment.bt_temperature)
+    config = SAILConfig.preset("offline-dpo", steps=1, pairs_per_step=2, eval_prompts=2, eval_every=1,
+                               max_new_tokens=4, lr=1e-2, output_dir=str(tmp_path))
+    if fault:
+        poison(policy, fault)
+    before = [p.detach().clone() for p in policy.parameters()]
+    if fault:
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            history = train(config, policy, tokenizer, task, progress=False)
+    else:
+        history = train(config, policy, tokenizer, task, progress=False)
+    after = [p.detach() for p in policy.parameters()]
+
+    if fault is None:
+        assert history[-1]["skipped_steps"] == 0
+        assert all(torch.isfinite(p).all() for p in after)
+        assert sum(not torch.equal(a, b) for a, b in zip(before, after)) > len(before) // 2
+    else:
+        assert history[-1]["skipped_steps"] == 1
+        assert all(torch.equal(a, b) for a, b in zip(before, after))      # bitwise: no step at all
+        if fault == "gradient":                                            # the loss itself was fine
+            assert torch.isfinite(torch.tensor(history[-1]["loss"]))
+
+
+# ---- iterative rounds: the judge asked once per round ----------------------------------------
+def test_a_reuse_round_asks_the_judge_only_at_its_first_step(sentiment, tmp_path, monkeypatch):
+    """Mutant: ``label_pairs`` runs at every step of a reuse round (labels re-drawn), while the
+    ``judge_queries`` counter still counts once per round. The judge's own calls on training pairs,
+    counted when each step's metrics are recorded, must equal ``judge_queries``: 2 responses per pair
+    at the first step of each round, none at the others."""
+    eval_prompts = set(sentiment.eval_prompts)
+    judged = {"responses": 0}
+
+    def counting_judge(prompts, responses):
+        on_eval = [p in eval_prompts for p in prompts]
+        assert all(on_eval) or not any(on_eval)              # evaluation and labelling never mix
+        if not any(on_eval):
+            judged["responses"] += len(responses)
+        return sentiment.judge(prompts, responses)
+
+    at_record = []
+    step_record = train_module.step_record
+
+    def recording_step_record(*args, **kwargs):
+        at_record.append(judged["responses"])
+        return step_record(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "step_record", recording_step_record)
+    task = Task([], sentiment.train_prompts[:16], sentiment.eval_prompts, counting_judge, sentiment.bt_temperature)
+    config = SAILConfig.preset("iterative-dpo", steps=4, pairs_per_step=3, reuse_steps=2, eval_every=4,
+                               eval_prompts=2, max_new_tokens=4, output_dir=str(tmp_path))
+    history = train(config, *load_base_model(), task, progress=False)
+    assert [h["judge_queries"] for h in history] == [6, 6, 12, 12]          # 3 pairs x 2 responses per round
+    assert at_record == [h["judge_queries"] for h in history]
+
+
+# ---- the loss: expected self-labels by who labels; the baseline per route --------------------
+def test_expected_self_labels_go_to_pairs_the_policy_labels_not_to_pairs_it_wrote():
+    """Mutant: ``pair_loss`` picks the expected-label pairs by RESPONSES_FROM (dp no, pp yes, pr yes)
+    instead of LABELS_FROM (dp yes, pp yes, pr no). On routes [dp, pp, pr] with ``self_labels="expected"``
+    the dp and pp pairs get the binary entropy H(sig(z)) (z in their own order y1 vs y2) as DPO and
+    label terms; the pr pair gets -log sig(z) under the judge's label (here: y2 chosen)."""
+    config = SAILConfig(route_dpo=0.0, route_dp=0.4, route_pp=0.3, route_pr=0.3, dp_label_coef=0.2, pp_coef=0.2,
+                        pr_response_coef=0.3, self_labels="expected")
+    logps = PairLogps(policy_first=torch.tensor([-5.0, -7.0, -3.0]), policy_second=torch.tensor([-9.0, -4.0, -8.0]),
+                      ref_first=torch.tensor([-6.0, -4.0, -5.0]), ref_second=torch.tensor([-2.0, -9.0, -4.0]))
+    routes = torch.tensor([DP, PP, PR])
+    labels = PairLabels(torch.tensor([True, True, False]))      # dp, pp: pair order kept (expected); pr: judge says y2
+    loss = pair_loss(logps, labels, routes, config)
+
+    z_pair_order = config.beta * ((logps.policy_first - logps.ref_first) - (logps.policy_second - logps.ref_second))
+    z_pr = -z_pair_order[2]                                      # chosen = y2
+    entropy = binary_entropy(z_pair_order[:2])
+    torch.testing.assert_close(loss.dpo, torch.cat([entropy, -F.logsigmoid(z_pr)[None]]))
+    torch.testing.assert_close(loss.label, torch.cat([entropy, -0.5 * F.logsigmoid(z_pr)[None] ** 2]))
+    # the two rules differ by far more than round-off on every pair here
+    assert (entropy + F.logsigmoid(z_pair_order[:2])).abs().min() > 0.1
+    assert (binary_entropy(z_pr) + F.logsigmoid(z_pr)).abs() > 0.1
+
+
+def test_the_response_baseline_is_the_leave_one_out_mean_within_each_route():
+    """Mutant: ``pair_loss`` passes no ``groups`` to ``sail_loss``, so the leave-one-out baseline is
+    the mean over the whole step. Routes [pp, pr, pp, pr, pp] (both with a response term), sampled
+    labels: pair i's response term is (f_i - b_i)(l_w + l_l) with f = -log sig(z) and b_i the mean of
+    f over the OTHER pairs of pair i's route."""
+    config = SAILConfig(route_dpo=0.0, route_pp=0.5, route_pr=0.5, pp_coef=0.2, pr_response_coef=0.3)
+    logps = PairLogps(policy_first=torch.tensor([-5.0, -7.0, -3.0, -6.0, -2.0]),
+                      policy_second=torch.tensor([-9.0, -4.0, -8.0, -6.5, -7.0]),
+                      ref_first=torch.tensor([-6.0, -4.0, -5.0, -9.0, -3.0]),
+                      ref_second=torch.tensor([-2.0, -9.0, -4.0, -5.0, -8.0]))
+    routes = torch.tensor([PP, PR, PP, PR, PP])
+    loss = pair_loss(logps, PairLabels(torch.ones(5, dtype=torch.bool)), routes, config)
+
+    f = (-F.logsigmoid(loss.z)).tolist()
+    by_route = {PP: [0, 2, 4], PR: [1, 3]}
+    b = [sum(f[j] for j in by_route[int(routes[i])] if j != i) / (len(by_route[int(routes[i])]) - 1)
+         for i in range(5)]
+    b_whole_step = [(sum(f) - f[i]) / 4 for i in range(5)]
+    both = (logps.policy_first + logps.policy_second).tolist()
+    expected = torch.tensor([(f[i] - b[i]) * both[i] for i in range(5)])
+    torch.testing.assert_close(loss.response, expected)
+    assert max(abs(x - y) for x, y in zip(b, b_whole_step)) > 0.1           # the grouping matters here
+
+
+def binary_entropy(z: torch.Tensor) -> torch.Tensor:
+    """H(sig(z)) = -sig(z) log sig(z) - sig(-z) log sig(-z), by hand."""
+    return -(torch.sigmoid(z) * F.logsigmoid(z) + torch.sigmoid(-z) * F.logsigmoid(-z))

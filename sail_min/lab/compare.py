@@ -31,13 +31,14 @@ def method_name(method) -> tuple[str, str, dict]:
 
 def run_comparison(methods: Sequence, seeds: int, out: str | Path, task: Task, load_policy: Callable,
                    overrides: dict | None = None, task_for: Callable | None = None, resume: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, overwrite: bool = False) -> dict:
     """Train every method for seeds 0..seeds-1; write per-run metrics under ``out/label/seedN``.
 
     ``load_policy()`` returns a fresh ``(model, tokenizer)`` for each run. ``task_for(task, config)``
     (optional) gives the task a run sees, e.g. a trimmed dataset. ``resume=True`` continues every run
     from its checkpoint (a finished run is read back from its metrics), so an interrupted comparison
-    loses at most ``checkpoint_every`` steps a run.
+    loses at most ``checkpoint_every`` steps a run. A run folder that already holds a run is refused
+    (``train.OutputExistsError``) unless ``resume`` or ``overwrite`` (its runs are trained again from step 0).
     """
     out = Path(out)
     results = {"overrides": dict(overrides or {}), "seeds": seeds, "methods": {}}
@@ -49,7 +50,7 @@ def run_comparison(methods: Sequence, seeds: int, out: str | Path, task: Task, l
             run_task = task_for(task, config) if task_for else task
             policy, tokenizer = load_policy()
             start = time.perf_counter()
-            history = train(config, policy, tokenizer, run_task, resume=resume, progress=progress)
+            history = train(config, policy, tokenizer, run_task, resume=resume, overwrite=overwrite, progress=progress)
             seconds = time.perf_counter() - start
             del policy                                    # free it (and its compiled graphs) before the next
             entry = results["methods"].setdefault(label, {"config": None, "runs": []})

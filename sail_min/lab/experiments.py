@@ -47,14 +47,15 @@ def add_judge_budgets(results: dict) -> dict:
 
 
 def main_job(out: str | Path, seeds: int = 5, quick: bool = False, resume: bool = False, progress: bool = True,
-             overrides: dict | None = None, methods: list | None = None, task_for=task_for_method):
+             overrides: dict | None = None, methods: list | None = None, task_for=task_for_method,
+             overwrite: bool = False):
     """Every method of ``methods`` (default ``METHODS``) on this task: the same steps and pairs per step,
     equal expected judge budgets (``sentiment.task_for_method``). Returns the results dict of
     ``sail_min.lab.compare.run_comparison``, each run with its ``judge_budget``."""
     torch.set_num_threads(1)            # a 0.35 M-parameter model: one thread is fastest
     results = run_comparison(methods or METHODS, seeds, out, sentiment_task(), load_base_model,
                              overrides={**(QUICK if quick else {}), **(overrides or {})}, task_for=task_for,
-                             resume=resume, progress=progress)
+                             resume=resume, progress=progress, overwrite=overwrite)
     return add_judge_budgets(results)
 
 
@@ -70,7 +71,7 @@ BUDGETS = (112, 224, 336, 672)
 run's steps x pairs per step (42 x 16 = 672 pairs)."""
 
 
-def budget_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
+def budget_job(out: str | Path, seeds: int = 5, progress: bool = True, overwrite: bool = False) -> dict:
     """Offline and online DPO at each judge budget of ``BUDGETS`` (pairs), in the default run's steps of
     ``pairs_per_step`` pairs: offline DPO reads the first B dataset pairs in shuffled passes; online DPO labels
     B pairs in rounds of ``pairs_per_step`` and trains ``steps x pairs_per_step / B`` steps on each round
@@ -85,28 +86,29 @@ def budget_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
         methods = ["offline-dpo", (f"online-dpo (x{reuse} reuse)", "online-dpo", {"reuse_steps": reuse})]
         results[f"{budget} pairs"] = add_judge_budgets(run_comparison(
             methods, seeds, Path(out) / f"budget{budget}", task, load_base_model,
-            overrides={"checkpoint_every": default.steps}, progress=progress,
+            overrides={"checkpoint_every": default.steps}, progress=progress, overwrite=overwrite,
             task_for=lambda t, config, b=budget: dataclasses.replace(t, preferences=t.preferences[:b])))
     return results
 
 
-def full_job(out: str | Path, seeds: int = 5, progress: bool = True) -> dict:
+def full_job(out: str | Path, seeds: int = 5, progress: bool = True, overwrite: bool = False) -> dict:
     """``main_job`` at every learning rate of ``FULL["lrs"]`` (each method reported at the lr of its best
     mean final judge reward) and at every beta of ``FULL["betas"]`` (the reward-KL frontier), and
     ``budget_job`` (offline vs online DPO at several judge budgets)."""
     out = Path(out)
-    runs = {f"lr={lr:g}": main_job(out / f"lr{lr:g}", seeds, progress=progress, overrides={"lr": lr})
+    runs = {f"lr={lr:g}": main_job(out / f"lr{lr:g}", seeds, progress=progress, overrides={"lr": lr}, overwrite=overwrite)
             for lr in FULL["lrs"]}
     best = {"methods": {}, "seeds": seeds, "overrides": {}}
     for name in runs[next(iter(runs))]["methods"]:
         key = max(runs, key=lambda k: statistics.fmean(r["judge_reward"] for r in runs[k]["methods"][name]["runs"]))
         best["methods"][f"{name} ({key})"] = runs[key]["methods"][name]
     best["base_judge_reward"] = runs[next(iter(runs))]["base_judge_reward"]
-    betas = {f"beta={beta:g}": main_job(out / f"beta{beta:g}", seeds, progress=progress, overrides={"beta": beta})
+    betas = {f"beta={beta:g}": main_job(out / f"beta{beta:g}", seeds, progress=progress, overrides={"beta": beta},
+                                        overwrite=overwrite)
              for beta in FULL["betas"]}
     default = SAILConfig()                         # the lr grid's run at the default lr is the default beta's
     return {"best_lr": best, "by_lr": runs, "by_beta": {**betas, f"beta={default.beta:g}": runs[f"lr={default.lr:g}"]},
-            "by_budget": budget_job(out, seeds, progress)}
+            "by_budget": budget_job(out, seeds, progress, overwrite)}
 
 
 def full_report(full: dict) -> str:
