@@ -272,7 +272,8 @@ def evaluate(policy, reference: ReferenceModel, sampler: Sampler, task: Task, ru
     """Judge reward, win rate vs the reference's samples and KL(pi || pi_ref) on held-out prompts.
 
     KL is the Monte-Carlo estimate E_{y ~ pi}[l_theta(y|x) - l_ref(y|x)] on one sample per prompt (it can
-    fall below 0 by chance when pi is close to pi_ref); win rate counts ties as 1/2. Sampling uses a fixed
+    fall below 0 by chance when pi is close to pi_ref); the *_std keys are the standard deviations over the
+    prompts (standard error = std / sqrt(eval_prompts)); win rate counts ties as 1/2. Sampling uses a fixed
     seed, so steps are comparable."""
     config = runtime.config
     samples, scores = judge_samples(policy, sampler, task, config, step_seed(config.seed, -1, 0, "eval"))
@@ -285,7 +286,8 @@ def evaluate(policy, reference: ReferenceModel, sampler: Sampler, task: Task, ru
     wins = (scores > reference_judge_scores).float() + 0.5 * (scores == reference_judge_scores).float()
     return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
             "eval/reference_judge_reward": reference_judge_scores.mean().item(),
-            "eval/win_rate": wins.mean().item(), "eval/kl": kl.mean().item(),
+            "eval/reference_judge_reward_std": reference_judge_scores.std().item(),
+            "eval/win_rate": wins.mean().item(), "eval/kl": kl.mean().item(), "eval/kl_std": kl.std().item(),
             "eval/response_length": samples.lengths.float().mean().item(),
             "eval/contains_eos": samples.contains_eos.float().mean().item()}
 

@@ -47,7 +47,8 @@ def test_training_is_deterministic_logs_every_term_and_resumes_exactly(sentiment
     assert [h["step"] for h in full] == [0, 1, 2, 3]
     last = full[-1]
     for key in ("loss/dpo", "loss/response", "loss/label", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                "rewards/accuracies", "eval/kl", "eval/judge_reward", "eval/win_rate", "online/response_length",
+                "rewards/accuracies", "eval/kl", "eval/kl_std", "eval/judge_reward", "eval/judge_reward_std",
+                "eval/reference_judge_reward_std", "eval/win_rate", "online/response_length",
                 "online/contains_eos", "time/generate", "time/label", "time/train", "tokens_per_second"):
         assert key in last, key
     assert last["truncated_prompts"] > 0                  # max_prompt_tokens=4 cuts the prompts
