@@ -57,7 +57,7 @@ from sail_min.config import SAILConfig
 from sail_min.labels import RewardModelScorer
 from sail_min.sampling import compile_stats, truncate_prompts_left
 from sail_min.logprobs import sequence_logprobs
-from sail_min.engine import Runtime, attention_kernels, autocast, enable_gradient_checkpointing
+from sail_min.runtime import Runtime, attention_kernels, autocast, enable_gradient_checkpointing
 from sail_min.train import Task, train
 
 SIZES = {

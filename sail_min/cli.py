@@ -426,7 +426,7 @@ def show_notices(warnings) -> None:
 
 
 def _run_train(args, toy_run, named_judges) -> int:
-    from .engine import ProcessFailed
+    from .runtime import ProcessFailed
     from .labels import JudgeError
     from .sampling import check_positions
     from .train import train

@@ -138,7 +138,7 @@ class SAILConfig:
     (TRL's max_completion_length); counted as truncated_responses in the metrics. 256 never cuts the toy
     task's responses (17 tokens at most); long real data (UltraFeedback) needs it on a 16 GB GPU"""
 
-    # ---- runtime: how a step runs on this machine, not what it computes (``engine.Runtime``) ----
+    # ---- runtime: how a step runs on this machine, not what it computes (``runtime.Runtime``) ----
     generation_cache: GenerationCache = "dynamic"
     """KV cache for sampling: "dynamic" (plain generate) or "static" (compiled on a GPU, ~4x faster)"""
     generation_shapes: GenerationShapes = "fixed"

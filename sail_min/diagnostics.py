@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .config import SAILConfig
-from .engine import attention_kernels
+from .runtime import attention_kernels
 from .labels import PairLabels
 
 

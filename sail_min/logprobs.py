@@ -61,7 +61,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     Differentiable (wrap the reference model's call in torch.no_grad()). Logits are
     materialised for `chunk_size` response tokens at a time; the result does not depend on it.
     ``engine``: a module whose forward must run for ``model``'s weights to be there and its gradients
-    averaged (a DDP wrapper, or the FSDP2-sharded model itself; ``engine.Runtime.engine_for`` says which);
+    averaged (a DDP wrapper, or the FSDP2-sharded model itself; ``runtime.Runtime.engine_for`` says which);
     None for a plain model.
     """
     if not (input_ids.shape == attention_mask.shape == response_mask.shape) or input_ids.dim() != 2:

@@ -403,7 +403,7 @@ JOIN_PROMPT = "Hello."
 class Sampler:
     """``sampler(model, prompts, k, seed)``: k responses per prompt, y ~ pi(. | x), with one set of settings.
 
-    The loop builds one per call site from its config (``engine.Runtime.sampler``): training samples,
+    The loop builds one per call site from its config (``runtime.Runtime.sampler``): training samples,
     evaluation samples, the reference's samples. Fields are ``sample_responses``' arguments; ``rows`` and
     ``prompt_length`` fix the static cache's shape (one shape, one compilation), and ``precision`` is a
     context (e.g. autocast) that generation runs in."""

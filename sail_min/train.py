@@ -27,7 +27,7 @@ draws exactly what the uninterrupted run would have drawn. Metrics go to
 carry ``eval/*`` keys.
 
 Everything about HOW the step runs (devices, processes, precision, attention kernels, gradient
-checkpointing, the engine that averages gradients, the static-cache sampler) is the ``engine.Runtime``
+checkpointing, the engine that averages gradients, the static-cache sampler) is the ``runtime.Runtime``
 under the loop; diagnostics of skipped steps and per-term gradient norms are in ``diagnostics.py``,
 the metrics file in ``metrics.py``. A step can be read here and in the math modules alone.
 
@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, remove_stray_temporaries, restore
 from .config import LABELS_FROM, RESPONSES_FROM, ROUTES, SAILConfig
 from .diagnostics import explain_skipped_step, term_gradient_norms
-from .engine import Runtime, attention_kernels, enable_gradient_checkpointing
+from .runtime import Runtime, attention_kernels, enable_gradient_checkpointing
 from .labels import (CheckedJudge, JudgeError, PairLabels, check_judge_scores, implicit_reward_labels,  # noqa: F401
                      reward_model_labels)
 from .logprobs import ReferenceModel
@@ -308,7 +308,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
 
     How a run ends early: a judge that raises, breaks its contract or exceeds ``judge_timeout_s`` raises
     ``JudgeError`` (one line: the judge, the step, the problem), on every process (the others raise
-    ``engine.ProcessFailed`` with that line); Ctrl-C raises ``KeyboardInterrupt``. Either way the last
+    ``runtime.ProcessFailed`` with that line); Ctrl-C raises ``KeyboardInterrupt``. Either way the last
     checkpoint is kept as it was, ready for ``resume=True``, and metrics.jsonl has a line per step done.
     """
     runtime, out = Runtime(config, accelerator), Path(config.output_dir)

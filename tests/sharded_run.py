@@ -23,7 +23,7 @@ from accelerate.utils import DistributedType
 from sail_min.cli import leave_process_group, parse_set
 from sail_min.config import SAILConfig
 from sail_min.lab.sentiment import load_base_model, sentiment_task
-from sail_min.engine import GatheredState
+from sail_min.runtime import GatheredState
 from sail_min.train import train
 
 out, engine, rest = sys.argv[1], sys.argv[2], sys.argv[3:]

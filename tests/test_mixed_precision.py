@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sail_min.config import SAILConfig
-from sail_min.engine import Runtime
+from sail_min.runtime import Runtime
 
 SCALE = 2.0 ** 16                                 # GradScaler's initial scale
 

@@ -70,7 +70,7 @@ def test_a_checkpoint_loads_whatever_the_run_s_device_is_called(tmp_path, device
     import torch
 
     from sail_min.checkpoint import CheckpointError, save_checkpoint
-    from sail_min.engine import Runtime
+    from sail_min.runtime import Runtime
     from sail_min.config import SAILConfig
     from sail_min.train import resume_from
 

@@ -7,7 +7,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from sail_min.config import SAILConfig
-from sail_min.engine import Runtime, StepResult, attention_kernels, autocast
+from sail_min.runtime import Runtime, StepResult, attention_kernels, autocast
 
 
 def tiny_problem(seed=0):

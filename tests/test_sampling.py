@@ -370,7 +370,7 @@ def test_static_generation_runs_without_the_input_grad_hook_of_gradient_checkpoi
     The static path generates without the hook and puts it back: training still gets it."""
     peft = pytest.importorskip("peft")
     import sail_min.sampling as sampling
-    from sail_min.engine import enable_gradient_checkpointing
+    from sail_min.runtime import enable_gradient_checkpointing
     torch.manual_seed(0)
     policy = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(POLICY_DIR),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))

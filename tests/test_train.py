@@ -250,7 +250,7 @@ def test_static_generation_cache_gives_the_same_run_as_the_dynamic_one_for_a_fix
 
 def test_offline_pairs_are_read_in_shuffled_passes(sentiment):
     """Every dataset row once per pass (offline DPO), a new order each pass."""
-    from sail_min.engine import Runtime
+    from sail_min.runtime import Runtime
     from sail_min.train import draw_pairs
     policy, tokenizer = load_base_model()
     rows = sentiment.preferences()[:10]
@@ -351,7 +351,7 @@ def test_under_reuse_steps_every_dataset_row_is_seen_once_per_pass(sentiment):
     """Mutant: under ``reuse_steps > 1`` the dataset slots advance every STEP instead of every round, so a pass
     skips rows. Rounds of 2 steps draw at steps 0, 2, 4, ...; 10 rows in rounds of 5 pairs: each pair of rounds
     is one pass, every row once."""
-    from sail_min.engine import Runtime
+    from sail_min.runtime import Runtime
     from sail_min.train import draw_pairs
     policy, tokenizer = load_base_model()
     rows = sentiment.preferences()[:10]

@@ -1,19 +1,19 @@
 """The runtime under the loop: devices and processes, precision, memory, and the engine that owns the weights.
 
-``train.py`` says WHAT one SAIL step computes; a ``Runtime`` says HOW it runs on this machine:
+``train.py`` says WHAT one SAIL step computes; a ``Runtime`` says HOW it runs on this machine. "Engine" means one
+thing here: the distributed module whose forward a training step must run through, a DDP wrapper or the
+FSDP2-sharded model itself (``Runtime.engine_for``; ``sequence_logprobs(engine=...)``).
 
 - precision: autocast for ``mixed_precision`` (bf16, or fp16 with a loss scaler), and the attention-kernel
   guard (PyTorch's cuDNN attention kernel off, see ``attention_kernels``);
 - memory: gradient checkpointing;
-- processes: DDP, FSDP2 or DeepSpeed through ``accelerator.prepare``; the engine averages gradients in
-  backward, and ``engine_for`` names the module whose forward must run for a model's log-probs;
-- the step: ``backward`` / ``clip_grad_norm`` / ``step``, with the finite check taken across processes
-  (with several processes every one runs backward, even on a non-finite loss, so the engine's collectives
-  stay matched);
-- checkpoints: ``gathered`` weights and optimiser state of a sharded run; ``check_in_sync`` at the end;
+- processes: DDP or FSDP2 through ``accelerator.prepare`` (DeepSpeed is refused); the engine averages gradients
+  in backward;
+- the step: ``Runtime.step(loss, policy, optimizer) -> StepResult``: backward, the finite check across processes
+  (with several processes every one runs backward, even on a non-finite loss, so the engine's collectives stay
+  matched), clip, optimizer step, the fp16 scaler's update;
+- checkpoints: ``save_checkpoint`` of gathered weights and optimiser state; ``check_in_sync`` at the end;
 - sampling: ``sampler`` builds the one ``sampling.Sampler`` of a call site from the config.
-- failures: ``together`` makes an error on one process (its judge, its disk) end every process, so none
-  waits forever in a collective; the others raise ``ProcessFailed`` with the failing process's one-line message.
 
 One process and no engine configured: no wrapper, no hook, nothing but autocast and the guard.
 """
@@ -92,7 +92,7 @@ class Runtime:
     def engine_for(self, model) -> torch.nn.Module | None:
         """The module whose forward must run for ``model``'s log-probs (``sequence_logprobs(engine=...)``):
         the model itself when sharded in place (FSDP2, with or without gradient: its weights are gathered
-        in its forward); the DDP / DeepSpeed wrapper for a gradient-carrying forward (DDP arms its
+        in its forward); the DDP wrapper for a gradient-carrying forward (DDP arms its
         all-reduce there); None otherwise (a plain model, pi_ref, evaluation)."""
         if is_fully_sharded(model):
             return model
@@ -264,7 +264,7 @@ def enable_gradient_checkpointing(policy) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# engines: DDP, FSDP2, DeepSpeed
+# engines: DDP, FSDP2
 # --------------------------------------------------------------------------------------
 def prepare(policy, optimizer, reference: ReferenceModel, accelerator: Accelerator):
     """``accelerator.prepare(policy, optimizer)`` when there are several processes or a sharding config.
