@@ -30,7 +30,11 @@ QUOTE = re.compile(r"\(SE, n=\d+\)|level within noise \(±")
 
 POSITIONAL = re.compile(r"\b(?:printed|shown|plotted|measured|listed|cell|cells|line|lines|table|tables|checker|printout|"
                         r"figure|plot|section|sections|list|row|rows|text|column)\s+(?:above|below)\b|^Below,\s|"
-                        r"\((?:printed |see )?(?:above|below)\)|significant (?:digits|figures)|\b(?:above|below)\s+(?:it|them|this)\b", re.IGNORECASE)
+                        r"\((?:printed |see )?(?:above|below)\)|significant (?:digits|figures)|\b(?:above|below)\s+(?:it|them|this)\b|"
+                        r"\b(?:above|below)\s*[:.]|\b(?:above|below)\s+(?:zero|0|-?\d|\$|the (?:figure|table|plot|cell|"
+                        r"bandit|reduction))|\bthe (?:[\w`'-]+ ){1,3}(?:above|below)\b|\b(?:above|below),|"
+                        r"\b(?:comes?|come|is|are|print(?:s|ed)?|says?|follows?|written|drawn) (?:\w+ ){0,2}(?:above|below)\b",
+                        re.IGNORECASE)
 """Where a thing is in the file ("printed above", "the table below", "Below, ...") or "significant digits": not a
 verdict; removed first."""
 
@@ -52,6 +56,29 @@ ALLOWED = {
         "the marking rule (a stated threshold)",
     ("02_bandit_dynamics.ipynb", "for SAIL-PR, mass on clearly worse responses"):
         "worse = lower true reward r*, a known constant of the problem (exact fixed points)",
+    # notebook 01: the derivation's own words (what a term does to a pair, exactly), and the header's question
+    ("01_sail_objective.ipynb", "* **without a baseline** ($b=0$) it lowers the likelihood of **every** sampled pair"):
+        "what the response term does to a pair with f above or below its baseline: a derivation, not a measurement",
+    ("01_sail_objective.ipynb", "* self-labelled pairs carry no DPO signal in expectation"):
+        "the summary of derived facts (worse-fitted = larger f), not a comparison of runs",
+    ("01_sail_objective.ipynb", "[exercises/01_sail_objective.ipynb](exercises/01_sail_objective.ipynb)"):
+        "the header's question for notebook 02 ('a better policy?')",
+    # positions in the file the positional pattern does not catch
+    ("03_logprobs_and_sampling.ipynb", "Below the same two sequences are scored padded left"): "a position",
+    ("05_training_loop.ipynb", "* **4. loss** (`pair_loss`)"): "a position ('walked through below')",
+    ("05_training_loop.ipynb", "What the live numbers say, one comparison at a time"): "a position ('each comparison below')",
+    ("05_training_loop.ipynb", "Iterative DPO labels one round of 16 pairs every 4 steps"): "a position ('no verdict below')",
+    ("06_real_model_gpu.ipynb", "* `smoke`: the same cells on the tiny toy models"): "a position ('below (section 1)')",
+    ("README.md", "On the tiny CPU model, SAIL/DPO step time was 1.03x"): "a position (a section 'above')",
+    # definitions of the verdict words themselves, and of thresholds
+    ("05_training_loop.ipynb", "Runs with the same seed see the same prompts in the same order"):
+        "defines the verdict words of findings.paired",
+    ("README.md", "It prints a table (per method: judge reward, win rate, KL to the base"):
+        "says what the printout's verdicts are",
+    ("05_training_loop.ipynb", "A matched KL below a run's first evaluation is still on its trajectory"):
+        "defines which runs reach a matched KL (a threshold), not a verdict",
+    ("04_preference_labels.ipynb", "A copy of the policy is fine-tuned for 30 steps on the chosen responses"):
+        "a ranking of chosen over rejected pairs, whose share is printed and asserted; not a comparison of methods",
 }
 """(file, the start of a sentence) -> why its verdict word is not about a measured number."""
 
