@@ -1,9 +1,9 @@
-"""The whole `sail_min.train()` loop at notebook 06's real shapes, with random weights.
+"""The whole `sail_min.train()` loop at notebook 07's real shapes, with random weights.
 
 Policy: Qwen2.5-0.5B-Instruct's shape (24 layers, hidden 896, 14 heads / 2 KV, MLP 4864, vocab
 151,936, tied embeddings) in bf16 + LoRA r=16 on every linear layer, its base as the reference.
 Judge: a Qwen3-0.6B-shaped sequence classifier (28 layers, hidden 1024, 16 heads / 8 KV, MLP 3072)
-in bf16 through `RewardModelScorer`. Notebook 06's settings: 8 pairs per step, 128 new tokens,
+in bf16 through `RewardModelScorer`. Notebook 07's settings: 8 pairs per step, 128 new tokens,
 max_prompt_tokens 256, bf16 autocast, gradient checkpointing, static KV cache; prompts of 20-200
 tokens; 128 held-out prompts. Everything is built from configs (nothing is downloaded), with a
 word-level tokenizer over the vocabulary; random weights rarely sample EOS, so responses run to

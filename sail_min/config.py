@@ -17,7 +17,7 @@ field keeps its default. Presets follow the public code's defaults (configs/task
 r=0.4 rho=0.2, SAIL-PP p=0.3 kappa=0.2 (its `pi`), SAIL-PR g=0.3 gamma=0.3. The other defaults fit the tiny
 toy task (a 0.35 M-parameter model trained from its own base weights with AdamW); a real model
 overrides lr, max_new_tokens, max_prompt_tokens, precision and the generation settings
-(notebook 06, or ``python -m sail_min train --set FIELD=VALUE``).
+(notebook 07, or ``python -m sail_min train --set FIELD=VALUE``).
 """
 from __future__ import annotations
 

@@ -76,6 +76,25 @@ def step_record(step: int, loss, pairs, config: SAILConfig, seconds: dict, count
     }
 
 
+def kl_estimates(logps: torch.Tensor, ref_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Two per-sample estimates of KL(pi || pi_ref) from responses y ~ pi, with d = l_pi(y) - l_ref(y):
+
+        k1 = d = log pi(y) / pi_ref(y)                      E_pi[k1] = KL, but one sample can be < 0
+        k3 = (r - 1) - log r = expm1(-d) + d,  r = pi_ref(y) / pi(y) = exp(-d)
+
+    k3 is >= 0 for every sample (log r <= r - 1) and unbiased too, because E_pi[r] = sum_y pi_ref(y) = 1 adds
+    E_pi[r - 1] = 0 to E_pi[k1]; its variance is lower than k1's near pi_ref and heavy-tailed where pi_ref is
+    far more likely than pi. Both estimate KL(pi || pi_ref) only for samples of pi itself (temperature 1).
+    Returns (k1, k3) in float64, one value per sample."""
+    d = (logps.detach() - ref_logps.detach()).double()
+    return d, (torch.expm1(-d) + d).clamp(min=0.0)       # clamp: round-off of expm1 when |d| < 1e-16 only
+
+
+def standard_error(values: torch.Tensor) -> float | None:
+    """sd / sqrt(n) of a sample mean (None for fewer than 2 values)."""
+    return (values.double().std() / len(values) ** 0.5).item() if len(values) > 1 else None
+
+
 def compilations_since(compiled_before: dict) -> dict:
     """torch.compile graphs and seconds since ``compiled_before`` (a ``compile_stats()``)."""
     return {f"compile/{k}": v - compiled_before[k] for k, v in compile_stats().items()}

@@ -61,7 +61,7 @@ from .runtime import Runtime, attention_kernels, enable_gradient_checkpointing
 from .labels import (CheckedJudge, JudgeError, PairLabels, check_judge_scores, implicit_reward_labels,  # noqa: F401
                      reward_model_labels)
 from .logprobs import ReferenceModel
-from .metrics import append_metrics, compilations_since, open_metrics, step_record
+from .metrics import append_metrics, compilations_since, kl_estimates, open_metrics, standard_error, step_record
 from .objective import SAILLoss
 from .routes import route_loss
 from .sampling import Responses, Sampler, check_positions, compile_stats, encode_responses, truncate_prompts_left
@@ -271,23 +271,33 @@ def evaluate(policy, reference: ReferenceModel, sampler: Sampler, task: Task, ru
              reference_judge_scores: torch.Tensor) -> dict:
     """Judge reward, win rate vs the reference's samples and KL(pi || pi_ref) on held-out prompts.
 
-    KL is the Monte-Carlo estimate E_{y ~ pi}[l_theta(y|x) - l_ref(y|x)] on one sample per prompt (it can
-    fall below 0 by chance when pi is close to pi_ref); the *_std keys are the standard deviations over the
-    prompts (standard error = std / sqrt(eval_prompts)); win rate counts ties as 1/2. Sampling uses a fixed
-    seed, so steps are comparable."""
+    KL is estimated twice on one sample per prompt (``metrics.kl_estimates``): ``eval/kl`` is the mean of
+    k1 = l_theta(y|x) - l_ref(y|x) (it can fall below 0 by chance when pi is close to pi_ref), ``eval/kl_k3``
+    the mean of k3 = (r - 1) - log r, r = pi_ref(y|x) / pi(y|x) (never below 0), each with its standard error;
+    the *_std keys are standard deviations over the prompts; win rate counts ties as 1/2, and ``eval/ties`` is
+    their share (pairs the judge cannot tell apart: as labels, coin flips). Sampling uses a fixed seed, so steps
+    are comparable."""
     config = runtime.config
     samples, scores = judge_samples(policy, sampler, task, config, step_seed(config.seed, -1, 0, "eval"))
     was_training = policy.training
     policy.eval()
     inputs = {key: value.to(runtime.device) for key, value in samples.model_inputs().items()}
     with runtime.autocast():
-        kl = (runtime.logprobs(policy, inputs) - runtime.reference_logprobs(reference, inputs)).float()
+        logps, ref_logps = runtime.logprobs(policy, inputs), runtime.reference_logprobs(reference, inputs)
+    k1, k3 = kl_estimates(logps, ref_logps)                     # per sample, float64
     policy.train(was_training)
-    wins = (scores > reference_judge_scores).float() + 0.5 * (scores == reference_judge_scores).float()
+    ties = (scores == reference_judge_scores).float()
+    wins = (scores > reference_judge_scores).float() + 0.5 * ties
     return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
             "eval/reference_judge_reward": reference_judge_scores.mean().item(),
             "eval/reference_judge_reward_std": reference_judge_scores.std().item(),
-            "eval/win_rate": wins.mean().item(), "eval/kl": kl.mean().item(), "eval/kl_std": kl.std().item(),
+            "eval/win_rate": wins.mean().item(),
+            "eval/ties": ties.mean().item(),                      # share of prompts whose two samples tie
+            "eval/kl": k1.float().mean().item(),                  # k1 mean: unbiased, can be < 0 (fp32 sum)
+            "eval/kl_std": k1.float().std().item(),               # its standard deviation over the prompts
+            "eval/kl_se": standard_error(k1),                     # its standard error (None for 1 prompt)
+            "eval/kl_k3": k3.mean().item(),                       # k3 mean: unbiased, >= 0
+            "eval/kl_k3_se": standard_error(k3),                  # its standard error (None for 1 prompt)
             "eval/response_length": samples.lengths.float().mean().item(),
             "eval/contains_eos": samples.contains_eos.float().mean().item()}
 

@@ -87,7 +87,7 @@ def killed_then_resumed(config, load_policy, task):
 
 
 def lora_policy():
-    """The tiny policy with LoRA adapters (as notebook 06 trains): its reference is the adapter-disabled base."""
+    """The tiny policy with LoRA adapters (as notebook 07 trains): its reference is the adapter-disabled base."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     policy, tokenizer = load_base_model()
@@ -320,7 +320,7 @@ def test_the_training_step_runs_attention_without_cudnn_in_forward_backward_and_
 
 def compilations(sentiment, tmp_path, shapes: str) -> list[int]:
     """compile/graphs after each step of a 6-step LoRA SAIL-PR run on training prompts of 20-200 tokens (as
-    notebook 06's), static cache compiled by dynamo's eager backend: the same tracing and guards as on a GPU,
+    notebook 07's), static cache compiled by dynamo's eager backend: the same tracing and guards as on a GPU,
     so the same compilations, on the CPU (CUDA graphs' re-recordings are not counted)."""
     long_prompts = [("the " * (10 + (37 * i) % 180)) + prompt for i, prompt in enumerate(sentiment.train_prompts[:64])]
     task = Task(sentiment.preferences()[:64], long_prompts, sentiment.eval_prompts, sentiment.judge,

@@ -68,7 +68,7 @@ ALLOWED = {
     ("05_training_loop.ipynb", "* **4. loss** (`pair_loss`)"): "a position ('walked through below')",
     ("05_training_loop.ipynb", "What the live numbers say, one comparison at a time"): "a position ('each comparison below')",
     ("05_training_loop.ipynb", "Iterative DPO labels one round of 16 pairs every 4 steps"): "a position ('no verdict below')",
-    ("06_real_model_gpu.ipynb", "* `smoke`: the same cells on the tiny toy models"): "a position ('below (section 1)')",
+    ("07_real_model_gpu.ipynb", "* `smoke`: the same cells on the tiny toy models"): "a position ('below (section 1)')",
     ("README.md", "On the tiny CPU model, SAIL/DPO step time was 1.03x"): "a position (a section 'above')",
     # definitions of the verdict words themselves, and of thresholds
     ("05_training_loop.ipynb", "Runs with the same seed see the same prompts in the same order"):
