@@ -129,6 +129,15 @@ def _check_source(option: str, name: str) -> None:
         raise UserError(f"{option} {name}: no such folder; give a local model folder or a hub name (owner/name)")
 
 
+def pad_with_eos_if_missing(tokenizer, what: str, say) -> None:
+    """A tokenizer without a pad token pads with its EOS token (and says so); one with neither is refused."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"{what}: the tokenizer has neither a pad nor an EOS token; add a pad token")
+        tokenizer.pad_token = tokenizer.eos_token
+        say(f"note: {what}: the tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r}")
+
+
 def load_policy(name: str, lora_rank: int | None, dtype, seed: int, say):
     """AutoModelForCausalLM + AutoTokenizer (pad token = EOS if missing), wrapped in LoRA if asked.
     LoRA's random initialisation is seeded: every process (and a re-run) starts from the same adapters."""
@@ -143,11 +152,7 @@ def load_policy(name: str, lora_rank: int | None, dtype, seed: int, say):
     except Exception as error:                        # not found, offline, not a causal LM, damaged files
         raise UserError(f"--model {name}: cannot load a causal language model ({damaged(error)})") from None
     check_causal_lm(name, model, loading)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"--model {name}: the tokenizer has neither a pad nor an EOS token; add a pad token")
-        tokenizer.pad_token = tokenizer.eos_token
-        say(f"note: --model {name}: the tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r}")
+    pad_with_eos_if_missing(tokenizer, f"--model {name}", say)
     if lora_rank:
         import peft
         lora = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
@@ -243,11 +248,7 @@ def load_judge(spec: str, device, dtype, say, named_judges: dict | None = None):
     except Exception as error:                        # not found, offline, damaged files
         raise UserError(f"--judge {spec}: cannot load a reward model ({damaged(error)}); give a reward-model "
                         f"folder or hub name, 'vader', or module:function") from None
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"--judge {spec}: the tokenizer has neither a pad nor an EOS token; add a pad token")
-        tokenizer.pad_token = tokenizer.eos_token
-        say(f"note: --judge {spec}: the tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r}")
+    pad_with_eos_if_missing(tokenizer, f"--judge {spec}", say)
     say(f"judge: reward model {spec} (its own tokenizer)")
     return RewardModelScorer(model.to(device), tokenizer)
 
@@ -476,6 +477,8 @@ def _run_train(args, toy_run, named_judges) -> int:
     try:
         history = train(config, policy, tokenizer, task, resume=args.resume, accelerator=accelerator,
                         overwrite=getattr(args, "overwrite", False))
+    except NotImplementedError as error:                         # a setup sail_min refuses (e.g. DeepSpeed)
+        raise UserError(_one_line(error)) from None
     except JudgeError as error:                                  # mid-run: the last checkpoint stays as it was
         raise RunEnded(f"{_one_line(error)}; {resume_hint(config, argv)}") from None
     except ProcessFailed as error:                               # another process's error, e.g. its judge

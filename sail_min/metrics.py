@@ -32,6 +32,9 @@ SCHEMA = {   # name: (accepted types, when the line has it: "step" every line, "
     "grad_norm/dpo": (OPTIONAL, "eval"), "grad_norm/response": (NUMBER, "eval"), "grad_norm/label": (NUMBER, "eval"),
     "eval/judge_reward": (NUMBER, "eval"), "eval/judge_reward_std": (NUMBER, "eval"),
     "eval/reference_judge_reward": (NUMBER, "eval"), "eval/win_rate": (NUMBER, "eval"), "eval/kl": (NUMBER, "eval"),
+    "eval/reference_judge_reward_std": (NUMBER, "eval"), "eval/ties": (NUMBER, "eval"),
+    "eval/kl_std": (NUMBER, "eval"), "eval/kl_se": (OPTIONAL, "eval"),          # k1: log pi / pi_ref of a sample
+    "eval/kl_k3": (NUMBER, "eval"), "eval/kl_k3_se": (OPTIONAL, "eval"),        # k3 = (r - 1) - log r >= 0
     "eval/response_length": (NUMBER, "eval"), "eval/contains_eos": (NUMBER, "eval"), "time/evaluate": (NUMBER, "eval"),
     "skip/what": (str, "skip"), "skip/nonfinite_logp_rows": (dict, "skip"), "skip/nonfinite_grads": (list, "skip"),
     "skip/inputs": (str, "skip"),

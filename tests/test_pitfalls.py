@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sail_min.config import SAILConfig
-from sail_min.engine import Runtime
+from sail_min.runtime import Runtime
 from sail_min.lab.bandit import kl, make_bandit
 from sail_min.lab.sentiment import load_base_model, load_sentiment_task
 from sail_min.logprobs import ReferenceModel, sequence_logprobs
