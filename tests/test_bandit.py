@@ -292,7 +292,7 @@ def test_controls_zero_expected_gradient_from_self_labelled_pairs():
     g = torch.Generator().manual_seed(0)
     chosen = torch.randint(5, (1, 3, 10), generator=g)
     rejected = torch.randint(5, (1, 3, 10), generator=g)
-    for name, self_route in (("SAIL-PP control (pi=0, label averaged out)", 2),
+    for name, self_route in (("SAIL-PP control (kappa=0, label averaged out)", 2),
                              ("SAIL-DP control (rho=0, label averaged out)", 1)):
         config = BANDIT_METHODS[name].config
         route = torch.tensor([0] * 7 + [self_route] * 3).expand(1, 3, 10)
@@ -311,9 +311,9 @@ def test_table_shows_each_variant_beside_its_control_and_the_labels_spent():
     for budget in ("16", "64"):
         block = results["by_budget"][budget]
         assert all(entry["labels_spent"] == int(budget) and entry["optimizer_steps"] == 6 for entry in block.values())
-    for variant, control in (("SAIL-PR", "SAIL-PR control (gamma=0)"), ("SAIL-PP", "SAIL-PP control (pi=0)"),
+    for variant, control in (("SAIL-PR", "SAIL-PR control (gamma=0)"), ("SAIL-PP", "SAIL-PP control (kappa=0)"),
                              ("SAIL-DP", "SAIL-DP control (rho=0)"),
-                             ("SAIL-PP (label averaged out)", "SAIL-PP control (pi=0, label averaged out)"),
+                             ("SAIL-PP (label averaged out)", "SAIL-PP control (kappa=0, label averaged out)"),
                              ("SAIL-DP (label averaged out)", "SAIL-DP control (rho=0, label averaged out)")):
         assert results["methods"][variant]["control"] == control
         rows = [i for i, line in enumerate(lines) if line[:NAME_WIDTH].rstrip() == variant]

@@ -81,12 +81,12 @@ BANDIT_METHODS = {
     "SAIL-PR": _m("sail-pr", control="SAIL-PR control (gamma=0)"),
     "SAIL-PR control (gamma=0)": _m("sail-pr", pr_response_coef=0.0),      # = online DPO on 30%
     "SAIL-PR (public-code term)": _m("sail-pr", control="SAIL-PR control (gamma=0)", response_mode="public"),
-    "SAIL-PP": _m("sail-pp", control="SAIL-PP control (pi=0)"),
-    "SAIL-PP control (pi=0)": _m("sail-pp", pp_coef=0.0),
+    "SAIL-PP": _m("sail-pp", control="SAIL-PP control (kappa=0)"),
+    "SAIL-PP control (kappa=0)": _m("sail-pp", pp_coef=0.0),
     # label averaged out (the pair, and so the response term, is still sampled)
-    "SAIL-PP (label averaged out)": _m("sail-pp", control="SAIL-PP control (pi=0, label averaged out)",
+    "SAIL-PP (label averaged out)": _m("sail-pp", control="SAIL-PP control (kappa=0, label averaged out)",
                                        self_labels="expected"),
-    "SAIL-PP control (pi=0, label averaged out)": _m("sail-pp", self_labels="expected", pp_coef=0.0),
+    "SAIL-PP control (kappa=0, label averaged out)": _m("sail-pp", self_labels="expected", pp_coef=0.0),
     "SAIL-DP": _m("sail-dp", control="SAIL-DP control (rho=0)"),
     "SAIL-DP control (rho=0)": _m("sail-dp", dp_label_coef=0.0),
     "SAIL-DP (label averaged out)": _m("sail-dp", control="SAIL-DP control (rho=0, label averaged out)",
@@ -279,7 +279,7 @@ def _n_runs(results: dict, budget) -> int:
     return len(next(iter(results["by_budget"][str(budget)].values()))["final_per_seed"]["kl_opt"])
 
 
-NAME_WIDTH = 44
+NAME_WIDTH = 46
 """width of the method column of the text tables"""
 
 SKIP_NOTE = ("skip: steps per run skipped because the gradient was not finite (weights and Adam state unchanged). The "

@@ -171,11 +171,11 @@ COEFS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 SWEEPS = {
     "gamma (100% online pairs)": lambda c: SAILConfig(route_dpo=0.0, route_pr=1.0, pr_response_coef=c),
     "gamma (SAIL-PR routing, 30% online)": lambda c: SAILConfig.preset("sail-pr", pr_response_coef=c),
-    "pi (SAIL-PP routing, 30% self-labelled)": lambda c: SAILConfig.preset("sail-pp", pp_coef=c),
+    "kappa (SAIL-PP routing, 30% self-labelled)": lambda c: SAILConfig.preset("sail-pp", pp_coef=c),
     "rho (SAIL-DP routing, 40% relabelled)": lambda c: SAILConfig.preset("sail-dp", dp_label_coef=c),
 }
 PRESETS = {"SAIL-PR": SAILConfig.preset("sail-pr"), "SAIL-PR control (gamma=0)": SAILConfig.preset("sail-pr", pr_response_coef=0.0),
-           "SAIL-PP": SAILConfig.preset("sail-pp"), "SAIL-PP control (pi=0)": SAILConfig.preset("sail-pp", pp_coef=0.0),
+           "SAIL-PP": SAILConfig.preset("sail-pp"), "SAIL-PP control (kappa=0)": SAILConfig.preset("sail-pp", pp_coef=0.0),
            "SAIL-DP": SAILConfig.preset("sail-dp"), "SAIL-DP control (rho=0)": SAILConfig.preset("sail-dp", dp_label_coef=0.0),
            "online DPO": SAILConfig.preset("online-dpo")}
 
