@@ -1,13 +1,7 @@
 """SAILConfig: every knob of a run, one default and one docstring each; the routes; the presets.
 
-A SAIL run mixes four kinds of pair (the public code draws one kind per training example):
-
-    route  responses from   label from                           extra terms       (variant)
-    dpo    the dataset      the dataset                          none              offline DPO
-    dp     the dataset      a draw of the policy's sig(z)        label             SAIL-DP
-    pp     2 policy samples a draw of the policy's sig(z)        label + response  SAIL-PP
-    pr     2 policy samples the judge (reward model, oracle)     response          SAIL-PR
-                                                                 (none: online DPO)
+A SAIL run mixes four kinds of pair, dpo / dp / pp / pr (the table of where each one's responses and label
+come from, and its extra terms, is in ``routes.py``; the public code draws one kind per training example).
 
 ``route_*`` are the probabilities of each kind (r, p, g and 1 - r - p - g in the public code),
 ``dp_label_coef``, ``pp_coef`` and ``pr_response_coef`` the coefficients of the extra terms
