@@ -51,7 +51,7 @@ def explain_skipped_step(path: Path, pairs, logps, labels: PairLabels, loss, pol
                 "inputs": {k: v.cpu() for k, v in pairs.model_inputs().items()},
                 "first_is_chosen": labels.first_is_chosen.cpu(),
                 "trainable": {n: p.detach().cpu() for n, p in policy.named_parameters() if p.requires_grad}}, path)
-    what = "; ".join(what) or "gradient of another process"
+    what = "; ".join(what) or "gradient norm (another process's gradient, or a norm too large for float32)"
     warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({counters['skipped_steps']} so far): "
                   f"{what}; inputs saved to {path}", RuntimeWarning)
     return {"skip/what": what, "skip/nonfinite_logp_rows": bad_rows, "skip/nonfinite_grads": bad_grads[:20],

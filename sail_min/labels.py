@@ -218,15 +218,16 @@ def reward_model_labels(judge: Judge, prompts: Sequence[Prompt], first_responses
     """Label pairs by s = r_phi(x, y), with `judge(prompts, responses) -> scores`.
 
     `judge` is a `RewardModelScorer` or any callable, e.g. a lexicon-based judge; what it
-    returns is held to the judge contract (`check_judge_scores`).
+    returns is held to the judge contract (`check_judge_scores`). It is called once for the pair set,
+    on 2N responses (every y1, then every y2; each prompt twice): one batch for a reward model, one
+    request for a remote judge.
     """
     if not len(prompts) == len(first_responses) == len(second_responses):
         raise ValueError(f"prompts, first_responses and second_responses differ in length: "
                          f"{len(prompts)}, {len(first_responses)}, {len(second_responses)}")
-    n = len(prompts)
-    first_scores = check_judge_scores(judge(list(prompts), list(first_responses)), n, judge)
-    second_scores = check_judge_scores(judge(list(prompts), list(second_responses)), n, judge)
-    return choose(first_scores, second_scores, rule, generator)
+    n = len(prompts)                        # one call for the pair set: [y1 of every pair; y2 of every pair]
+    scores = check_judge_scores(judge(list(prompts) * 2, list(first_responses) + list(second_responses)), 2 * n, judge)
+    return choose(scores[:n], scores[n:], rule, generator)
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -296,22 +297,32 @@ class RewardModelScorer:
         # A chat template writes its own special tokens (BOS, ...); plain text gets the defaults.
         add_special_tokens = self.tokenizer.chat_template is None
         device = next(self.model.parameters()).device
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special_tokens).input_ids]
-        if self.max_length is not None:
-            self.truncated += sum(length > self.max_length for length in lengths)
-            lengths = [min(length, self.max_length) for length in lengths]
-        scores = torch.empty(len(texts))
-        for rows in length_batches(lengths, self.batch_size):
-            chunk = [texts[i] for i in rows]
+        ids = self.tokenizer(texts, add_special_tokens=add_special_tokens).input_ids      # tokenised once
+        too_long = [i for i, row in enumerate(ids) if self.max_length is not None and len(row) > self.max_length]
+        if too_long:                              # cut from the START: the response, the part judged, stays whole
+            self.truncated += len(too_long)
             side, self.tokenizer.truncation_side = self.tokenizer.truncation_side, "left"
             try:                    # the attribute, not a call argument: transformers 5 ignores truncation_side=
-                batch = self.tokenizer(chunk, padding=True, padding_side="right", return_tensors="pt",
-                                       truncation=self.max_length is not None, max_length=self.max_length,
-                                       add_special_tokens=add_special_tokens).to(device)
+                cut = self.tokenizer([texts[i] for i in too_long], truncation=True, max_length=self.max_length,
+                                     add_special_tokens=add_special_tokens).input_ids
             finally:
                 self.tokenizer.truncation_side = side
-            scores[rows] = reward_scores(self.model, batch.input_ids, batch.attention_mask).float().cpu()
+            for i, row in zip(too_long, cut):
+                ids[i] = row
+        scores = torch.empty(len(texts))
+        for rows in length_batches([len(row) for row in ids], self.batch_size):
+            input_ids, attention_mask = right_padded([ids[i] for i in rows], self.tokenizer.pad_token_id)
+            scores[rows] = reward_scores(self.model, input_ids.to(device), attention_mask.to(device)).float().cpu()
         return scores
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, longest row] of token-id lists, padded on the RIGHT."""
+    lengths = torch.tensor([len(row) for row in rows])
+    input_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows],
+                                                batch_first=True, padding_value=pad_token_id)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths.unsqueeze(1)).long()
+    return input_ids, attention_mask
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ One process and no engine configured: no wrapper, no hook, nothing but autocast 
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -112,8 +113,8 @@ class Runtime:
         """backward, clip, optimizer step: ``loss.backward(); clip_grad_norm_(...); optimizer.step()`` of plain
         PyTorch, with three additions, all visible here:
 
-        1. finite check on EVERY process: the step is taken only if the loss and every gradient are finite on
-           all processes (one all-reduce), else skipped on all, weights untouched (``StepResult.taken`` False).
+        1. finite check on EVERY process: the step is taken only if the loss and the gradient norm (so every
+           gradient) are finite on all processes (one all-reduce), else skipped on all, weights untouched (``StepResult.taken`` False).
            With several processes a non-finite loss is still backpropagated, as a zero through the same graph,
            so the other processes do not wait in the engine's collectives (DDP's all-reduce, FSDP2's
            reduce-scatter) forever; one process skips its backward;
@@ -131,13 +132,14 @@ class Runtime:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
         if self.scaler and loss_finite:
             self.scaler.unscale_(optimizer)
-        grads_finite = loss_finite and all(bool(torch.isfinite(local_shard(p.grad)).all())
-                                           for p in policy.parameters() if p.grad is not None)
-        taken = self.all_finite(grads_finite)
         grad_norm = float("nan")
-        if taken:                                                  # DTensors (FSDP2): the global norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                       self.config.max_grad_norm or float("inf")).item()
+        if loss_finite:            # ||g|| over every gradient (DTensors, FSDP2: the global norm), before clipping;
+            total_norm = torch.nn.utils.get_total_norm([p.grad for p in policy.parameters() if p.grad is not None])
+            grad_norm = total_norm.item()       # inf or NaN iff some gradient is (or ||g|| overflows float32)
+        taken = self.all_finite(math.isfinite(grad_norm))
+        if taken:
+            if self.config.max_grad_norm:                          # g <- g * min(1, max_grad_norm / ||g||)
+                torch.nn.utils.clip_grads_with_norm_(policy.parameters(), self.config.max_grad_norm, total_norm)
             self.scaler.step(optimizer) if self.scaler else optimizer.step()
         if self.scaler:
             if loss_finite:
@@ -323,11 +325,6 @@ def unwrapped(policy):
 
 def is_engine(module) -> bool:
     return isinstance(module, torch.nn.parallel.DistributedDataParallel)
-
-
-def local_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor (a DTensor's local shard; any other tensor as it is)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def full_tensor(tensor):

@@ -61,6 +61,7 @@ that reads it. The sampler copies what `generate` returns and marks a new CUDA-g
 """
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -177,8 +178,22 @@ def render_prompts(tokenizer, prompts: Sequence[Prompt], prompt_format: str = "c
 
 
 def _prompt_ids(tokenizer, prompt: Prompt, prompt_format: str = "chat", index: int = 0) -> list[int]:
-    text, special = _render(tokenizer, prompt, prompt_format, index)
-    return tokenizer(text, add_special_tokens=special).input_ids
+    """Token ids of a prompt as the policy reads it (``_render``). Remembered per (tokenizer, its vocabulary size
+    and chat template, prompt): a step measures its prompts for truncation, then encodes them for sampling or
+    scoring, and online prompts recur across steps; each is rendered and tokenised once."""
+    try:
+        key = prompt if isinstance(prompt, str) else tuple(tuple(sorted(message.items())) for message in prompt)
+        return list(_remembered_prompt_ids(tokenizer, len(tokenizer), tokenizer.chat_template, prompt_format, key))
+    except (TypeError, ValueError):     # unhashable (e.g. multimodal content), or bad input: named with its index
+        text, special = _render(tokenizer, prompt, prompt_format, index)
+        return tokenizer(text, add_special_tokens=special).input_ids
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered_prompt_ids(tokenizer, vocabulary_size: int, chat_template, prompt_format: str, key) -> tuple[int, ...]:
+    prompt = key if isinstance(key, str) else [dict(items) for items in key]
+    text, special = _render(tokenizer, prompt, prompt_format)
+    return tuple(tokenizer(text, add_special_tokens=special).input_ids)
 
 
 def prompt_length(tokenizer, prompt: Prompt, prompt_format: str = "chat") -> int:
@@ -257,7 +272,11 @@ def _tokenize_prompts(tokenizer, prompts: Sequence[Prompt], pad_to_multiple_of: 
                          "(e.g. tokenizer.pad_token = tokenizer.eos_token)")
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of strings or message lists")
-    rows = [_prompt_ids(tokenizer, prompt, prompt_format, i) for i, prompt in enumerate(prompts)]
+    rows, ids_of = [], {}                  # a prompt given twice (y1 and y2 of a pair) is tokenised once
+    for i, prompt in enumerate(prompts):
+        if id(prompt) not in ids_of:
+            ids_of[id(prompt)] = _prompt_ids(tokenizer, prompt, prompt_format, i)
+        rows.append(ids_of[id(prompt)])
     width = max(len(ids) for ids in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -550,16 +569,15 @@ def encode_responses(tokenizer, prompts: Sequence[Prompt], responses: Sequence, 
     responses = [_response_text(response, i) for i, response in enumerate(responses)]
     batch = _tokenize_prompts(tokenizer, prompts, prompt_format=prompt_format)
     eos = tokenizer.eos_token_id
-    response_token_lists = [tokenizer(text, add_special_tokens=False).input_ids for text in responses]
+    response_token_lists = tokenizer(responses, add_special_tokens=False).input_ids      # one call for the batch
     response_token_lists = [ids if ids[-1:] == [eos] else ids + [eos] for ids in response_token_lists]
     cut = [max_tokens is not None and len(ids) > max_tokens for ids in response_token_lists]
     for row in (row for row, is_cut in enumerate(cut) if is_cut):
         response_token_lists[row] = response_token_lists[row][:max_tokens]
         responses[row] = tokenizer.decode(response_token_lists[row])
     lengths = torch.tensor([len(ids) for ids in response_token_lists])
-    response_ids = torch.full((len(responses), int(lengths.max())), tokenizer.pad_token_id)
-    for row, ids in enumerate(response_token_lists):
-        response_ids[row, :len(ids)] = torch.tensor(ids)
+    response_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(ids, dtype=torch.long) for ids in response_token_lists],
+                                                   batch_first=True, padding_value=tokenizer.pad_token_id)
     response_mask = (torch.arange(response_ids.shape[1]) < lengths.unsqueeze(1)).long()
     return Responses(
         prompts=list(prompts), prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],

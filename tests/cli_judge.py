@@ -48,12 +48,13 @@ def hangs_later(prompts, responses):
 
 
 def fails_on_process_1(prompts, responses):
-    """Scores like word_count, except on process 1 (torchrun's RANK) from its 5th call on, and not at all once
-    the file named by $JUDGE_FIXED exists."""
+    """Scores like word_count, except on process 1 (torchrun's RANK) from its 4th call on (the calls: the check
+    before training, a resumed run's reference samples, step 1, then step 2; one call per step's pair set), and
+    not at all once the file named by $JUDGE_FIXED exists."""
     import os
     CALLS["fails_on_process_1"] = CALLS.get("fails_on_process_1", 0) + 1
     fixed = os.path.exists(os.environ.get("JUDGE_FIXED", "/nonexistent"))
-    if os.environ.get("RANK") == "1" and CALLS["fails_on_process_1"] > 4 and not fixed:
+    if os.environ.get("RANK") == "1" and CALLS["fails_on_process_1"] > 3 and not fixed:
         raise RuntimeError("judge service down on process 1")
     return word_count(prompts, responses)
 

@@ -375,7 +375,7 @@ def test_a_causal_lm_without_its_lm_head_is_refused(in_process, tmp_path, capsys
 
 @pytest.mark.parametrize("judge, problem", [
     ("flaky", "raised RuntimeError('judge service down')"),
-    ("nan_later", "returned 4 scores for 4 responses; score 0 is nan (1 of 4 not finite)"),
+    ("nan_later", "returned 8 scores for 8 responses; score 0 is nan (1 of 8 not finite)"),
     ("hangs_later", "no answer within judge_timeout_s=2 s (a hung reward server?)"),
 ])
 def test_a_judge_that_fails_mid_run_keeps_the_checkpoint_and_says_how_to_resume(in_process, tmp_path, capsys,

@@ -83,15 +83,20 @@ def test_refused_scores_name_the_judge_count_and_index(scores, message):
 
 
 def test_reward_model_labels_holds_the_judge_to_the_contract():
-    for value, message in [(lambda n: [0.0] * (n + 1), "judge 'odd_judge' returned 4 scores for 3 responses"),
-                           (lambda n: [0.0] * (n - 1), "returned 2 scores for 3 responses"),
+    """One judge call for the pair set: the 3 pairs' 6 responses (every y1, then every y2)."""
+    for value, message in [(lambda n: [0.0] * (n + 1), "judge 'odd_judge' returned 7 scores for 6 responses"),
+                           (lambda n: [0.0] * (n - 1), "returned 5 scores for 6 responses"),
                            (1.0, "returned a single score 1.0"),
-                           (lambda n: [math.nan] * n, "score 0 is nan (3 of 3 not finite)")]:
+                           (lambda n: [math.nan] * n, "score 0 is nan (6 of 6 not finite)")]:
         with pytest.raises(ValueError) as error:
             reward_model_labels(judge_returning(value), PROMPTS, FIRST, SECOND)
         assert message in str(error.value)
     labels = reward_model_labels(vader_judge, PROMPTS, FIRST, SECOND)
     assert labels.first_is_chosen.tolist() == [True, True, True] and labels.first_scores.dtype == torch.float32
+    calls = []
+    reward_model_labels(lambda prompts, responses: calls.append((prompts, responses)) or vader_judge(prompts, responses),
+                        PROMPTS, FIRST, SECOND)
+    assert calls == [(list(PROMPTS) * 2, list(FIRST) + list(SECOND))]
 
 
 def test_judge_names():

@@ -53,6 +53,19 @@ def test_non_finite_gradients_skip_the_step():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
 
 
+def test_finite_gradients_whose_norm_overflows_float32_skip_the_step():
+    """The check reads the gradient norm: every gradient finite, but ||g|| > float32's max (~3.4e38), is skipped
+    too (clipping would scale the gradients by max_grad_norm / inf = 0, a step of nothing but momentum)."""
+    runtime = Runtime(SAILConfig())
+    model, optimizer, x = tiny_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(x).mean() * 1e30                                     # gradients ~1e29-1e30: squared, inf
+    result = runtime.step(loss, model, optimizer)
+    assert torch.isfinite(model.weight.grad).all() and result.loss_finite
+    assert not result.taken and result.grad_norm == float("inf")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
 def test_deepspeed_is_refused_in_one_line_naming_fsdp2():
     accelerator = types.SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=2,
                                         is_main_process=True, distributed_type=DistributedType.DEEPSPEED)

@@ -438,3 +438,21 @@ def test_conversations_are_truncated_from_the_left_with_the_template_kept():
     assert cut[1]["content"].endswith("and end here please") and len(cut[1]["content"]) < len(question)
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         truncate_prompts_left(tokenizer, [conversation], 3)
+
+
+def test_remembered_prompt_ids_follow_the_tokenizer(tokenizer):
+    """Prompt ids are remembered per (tokenizer, vocabulary size, chat template, prompt): a changed template or
+    an added token gives fresh ids, equal to a direct encoding; a prompt the memory cannot key (content that is
+    a list) is encoded directly."""
+    from sail_min.sampling import _prompt_ids
+    local = copy.deepcopy(tokenizer)
+    prompt = [{"role": "user", "content": "Tell me about the market."}]
+    direct = lambda: local(local.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),  # noqa: E731
+                           add_special_tokens=False).input_ids
+    assert _prompt_ids(local, prompt) == direct()
+    local.chat_template = local.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert _prompt_ids(local, prompt) == direct() and _prompt_ids(local, "market") == _prompt_ids(local, "market")
+    local.add_tokens(["market."])
+    assert _prompt_ids(local, prompt) == direct() and local.convert_tokens_to_ids("market.") in direct()
+    prompt = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]          # unhashable content
+    assert _prompt_ids(local, prompt) == direct()
