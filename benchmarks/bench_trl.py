@@ -189,7 +189,10 @@ def table(results: list[dict], names: list[str]) -> str:
              f"(verdict at {THRESHOLD_SE:g} SE) | tokens (decode steps) TRL / sail_min | rounds |",
              "|---|---|---|---|---|---|---|---|"]
     for name in names:
-        trl, ours = ([r for r in results if r["workload"] == name and r["side"] == side] for side in SIDES)
+        trl, ours = (sorted((r for r in results if r["workload"] == name and r["side"] == side), key=lambda r: r["seed"])
+                     for side in SIDES)                                          # paired by round (seed)
+        if [r["seed"] for r in trl] != [r["seed"] for r in ours]:
+            raise SystemExit(f"{name}: the rounds of the two sides differ")
         trl_s, our_s = ([r["cpu_s_per_step"] for r in rs] for rs in (trl, ours))
         rounds = [a / b for a, b in zip(trl_s, our_s)]
         difference = paired([1000 * a for a in trl_s], [1000 * b for b in our_s])
@@ -206,10 +209,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=5, help="rounds of fresh processes per (workload, side)")
+    parser.add_argument("--first-round", type=int, default=0, help="index (and seed) of the first round, to add rounds")
     parser.add_argument("--steps", type=int, default=30, help="timed optimiser steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones")
     parser.add_argument("--out", help="write every measurement as JSON here")
-    parser.add_argument("--table", help="print the table of measurements saved with --out, and nothing else")
+    parser.add_argument("--table", nargs="+", help="print the table of the measurements saved with --out (one or "
+                        "more files, e.g. runs with other --first-round), and nothing else")
     parser.add_argument("--one", choices=list(WORKLOADS), help="one measurement in this process, printed as JSON")
     parser.add_argument("--side", choices=SIDES, default="sail_min")
     parser.add_argument("--seed", type=int, default=0, help="--one: the seed of both sides' runs (a round's is its index)")
@@ -218,7 +223,7 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args.one, args.side, args.steps, args.warmup, args.seed)))
         return
     if args.table:
-        results = json.loads(Path(args.table).read_text())
+        results = [r for path in args.table for r in json.loads(Path(path).read_text())]
         print(table(results, [name for name in WORKLOADS if any(r["workload"] == name for r in results)]))
         return
     import transformers
@@ -227,15 +232,15 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{args.repeats} rounds x {args.steps} steps after {args.warmup}; CPU, fp32, 1 thread", flush=True)
     results = []
-    for round_ in range(args.repeats):
+    for round_ in range(args.first_round, args.first_round + args.repeats):
         for name in args.workloads:
             for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
                 results.append(run_fresh(name, side, args.steps, args.warmup, seed=round_))
                 r = results[-1]
                 print(f"round {round_}: {name:17s} {side:8s} {r['cpu_s_per_step']:.4f} CPU s/step", flush=True)
+                if args.out:                    # after every measurement: an interrupted run keeps what it measured
+                    Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results, args.workloads))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -312,7 +312,8 @@ class RewardModelScorer:
         scores = torch.empty(len(texts))
         for rows in length_batches([len(row) for row in ids], self.batch_size):
             input_ids, attention_mask = right_padded([ids[i] for i in rows], self.tokenizer.pad_token_id)
-            scores[rows] = reward_scores(self.model, input_ids.to(device), attention_mask.to(device)).float().cpu()
+            with torch.inference_mode():                       # no autograd bookkeeping; scores is a normal tensor
+                scores[rows] = reward_scores(self.model, input_ids.to(device), attention_mask.to(device)).float().cpu()
         return scores
 
 

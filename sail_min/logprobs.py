@@ -20,7 +20,10 @@ tokens at a time: each chunk is reduced at once to the two numbers above, z_t[y_
 logsumexp z_t, and dropped. `torch.utils.checkpoint` recomputes a chunk's logits during
 backward, so the gradient is exact and only one chunk's logits are alive at any time:
 chunk_size x vocab x 4 bytes (512 x 151,936 x 4 = 0.3 GB; backward holds about four
-such buffers: the logits, their exponentials and two gradients).
+such buffers: the logits, their exponentials and two gradients). When the logits of all
+the batch's response tokens take at most 16 MiB (`KEEP_LOGITS_BYTES`: the tiny models of
+this project), autograd keeps them instead: recomputing would save next to no memory and
+costs a second lm_head pass plus checkpoint's bookkeeping (~1 ms a step on the tiny model).
 
 Batches are one row per (prompt, response): input_ids = prompt ++ response, with any
 padding on either side. Three [B, L] tensors describe them:
@@ -40,6 +43,8 @@ from copy import deepcopy
 import torch
 from torch.utils.checkpoint import checkpoint
 
+KEEP_LOGITS_BYTES = 16 * 2**20      # sequence_logprobs(recompute=None) keeps fp32 logits up to this size
+
 
 def _chunk_token_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor,
                           targets: torch.Tensor) -> torch.Tensor:
@@ -55,11 +60,14 @@ def _chunk_token_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor,
 
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_mask: torch.Tensor, chunk_size: int = 512,
-                      engine: torch.nn.Module | None = None) -> torch.Tensor:
+                      engine: torch.nn.Module | None = None, recompute: bool | None = None) -> torch.Tensor:
     """l(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens, one value per row, shape [B].
 
     Differentiable (wrap the reference model's call in torch.no_grad()). Logits are
     materialised for `chunk_size` response tokens at a time; the result does not depend on it.
+    ``recompute``: whether backward recomputes each chunk's logits (True) or autograd keeps them (False);
+    None: recompute when the response tokens' fp32 logits, N x vocab x 4 bytes, exceed KEEP_LOGITS_BYTES.
+    The values and gradients are the same either way.
     ``engine``: a module whose forward must run for ``model``'s weights to be there and its gradients
     averaged (a DDP wrapper, or the FSDP2-sharded model itself; ``runtime.Runtime.engine_for`` says which);
     None for a plain model.
@@ -80,22 +88,25 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         raise NotImplementedError(f"{type(model).__name__} transforms its logits after the lm_head "
                                   "(soft-capping or scaling); sequence_logprobs assumes z = lm_head(h)")
 
+    if recompute is None:                                         # N x V x 4 bytes of logits: worth recomputing?
+        recompute = int(response_mask[:, 1:].sum()) * config.vocab_size * 4 > KEEP_LOGITS_BYTES
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)   # p_t over real tokens
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     if engine is None:                                           # a plain model: the decoder, then the chunks
         hidden = model.get_decoder()(**inputs).last_hidden_state
-        return _response_logprobs(model.get_output_embeddings(), hidden, input_ids, response_mask, chunk_size)
-    return _through_engine(model, engine, inputs, response_mask, chunk_size)
+        return _response_logprobs(model.get_output_embeddings(), hidden, input_ids, response_mask, chunk_size,
+                                  recompute)
+    return _through_engine(model, engine, inputs, response_mask, chunk_size, recompute)
 
 
 def _response_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                       chunk_size: int) -> torch.Tensor:
+                       chunk_size: int, recompute: bool = True) -> torch.Tensor:
     """sum_t log pi(y_t | ...) per row from the final hidden states, lm_head on one chunk at a time."""
     # Token t is predicted from the hidden state at t - 1. Keep response tokens only, packed.
     rows, positions = response_mask[:, 1:].bool().nonzero(as_tuple=True)    # one entry per y_t
     response_hidden = hidden[:, :-1][rows, positions]                        # h_{t-1}: [N, d]
     response_targets = input_ids[:, 1:][rows, positions]                     # y_t: [N]
-    recompute_in_backward = torch.is_grad_enabled() and response_hidden.requires_grad
+    recompute_in_backward = recompute and torch.is_grad_enabled() and response_hidden.requires_grad
 
     total = hidden.new_zeros(input_ids.shape[0], dtype=torch.float32)
     for start in range(0, len(rows), chunk_size):
@@ -115,7 +126,8 @@ def _response_logprobs(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, r
 _KEEP_NO_LOGITS = torch.zeros(0, dtype=torch.long)      # logits_to_keep: the lm_head sees 0 positions
 
 
-def _through_engine(model, wrapped, inputs: dict, response_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def _through_engine(model, wrapped, inputs: dict, response_mask: torch.Tensor, chunk_size: int,
+                    recompute: bool) -> torch.Tensor:
     """The log-probs computed INSIDE the engine's forward of the whole causal LM.
 
     Calling ``model.get_decoder()`` directly would skip the root's forward hooks (FSDP's all-gather of
@@ -128,7 +140,7 @@ def _through_engine(model, wrapped, inputs: dict, response_mask: torch.Tensor, c
 
     def chunks(module, args, output):
         result.append(_response_logprobs(model.get_output_embeddings(), output.last_hidden_state,
-                                         inputs["input_ids"], response_mask, chunk_size))
+                                         inputs["input_ids"], response_mask, chunk_size, recompute))
 
     handle = model.get_decoder().register_forward_hook(chunks)
     try:
@@ -136,6 +148,24 @@ def _through_engine(model, wrapped, inputs: dict, response_mask: torch.Tensor, c
     finally:
         handle.remove()
     return result[-1]
+
+
+@contextmanager
+def eval_mode(model):
+    """``model.eval()`` inside the block (no dropout), every module's own mode restored on exit.
+
+    The ``training`` flags are set directly, as ``nn.Module.train`` sets them, not through
+    ``PreTrainedModel.train``: with the ``kernels`` package (a dependency of transformers 5.x) that
+    re-kernelises the model at every change of mode, ~0.7 ms per call on the tiny model, several
+    times per step (sampling, a LoRA reference). The model keeps the kernels of its training mode."""
+    modes = {module: module.training for module in model.modules()}
+    for module in modes:
+        module.training = False
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def is_peft_model(model) -> bool:
@@ -168,26 +198,22 @@ class ReferenceModel:
     def as_module(self):
         """pi_ref as a plain module, e.g. to sample from it: ``with ref.as_module() as m: ...``.
         For a PEFT model the adapters are disabled inside the block (and eval mode is kept)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter() if self.uses_disabled_adapters else nullcontext():
-                yield self.model
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), self.model.disable_adapter() if self.uses_disabled_adapters else nullcontext():
+            yield self.model
 
-    @torch.no_grad()
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  response_mask: torch.Tensor, chunk_size: int = 512,
                  engine: torch.nn.Module | None = None) -> torch.Tensor:
-        """l_ref(y|x) = sum_t log pi_ref(y_t | x, y_<t), shape [B], no gradient (``engine``: sharded weights)."""
+        """l_ref(y|x) = sum_t log pi_ref(y_t | x, y_<t), shape [B], no gradient: under ``torch.inference_mode``
+        (no autograd bookkeeping; the [B] result is copied out of it, so that the loss may save it for
+        backward), or ``no_grad`` with sharded weights (``engine``: FSDP2 gathers them into its own tensors)."""
+        with torch.inference_mode() if engine is None else torch.no_grad():
+            values = self._logprobs(input_ids, attention_mask, response_mask, chunk_size, engine)
+        return values.clone() if values.is_inference() else values
+
+    def _logprobs(self, input_ids, attention_mask, response_mask, chunk_size, engine) -> torch.Tensor:
         if not self.uses_disabled_adapters:
             return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size, engine)
-        was_training = self.model.training
-        self.model.eval()                                  # no dropout in pi_ref
-        try:
-            with self.model.disable_adapter():             # W + B A  ->  W
-                return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size, engine)
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), self.model.disable_adapter():     # no dropout in pi_ref; W + B A  ->  W
+            return sequence_logprobs(self.model, input_ids, attention_mask, response_mask, chunk_size, engine)
 

@@ -61,11 +61,12 @@ from .diagnostics import explain_skipped_step, term_gradient_norms
 from .runtime import Runtime, attention_kernels, enable_gradient_checkpointing
 from .labels import (CheckedJudge, JudgeError, PairLabels, check_judge_scores, implicit_reward_labels,  # noqa: F401
                      reward_model_labels)
-from .logprobs import ReferenceModel
+from .logprobs import ReferenceModel, eval_mode
 from .metrics import append_metrics, compilations_since, kl_estimates, open_metrics, standard_error, step_record
 from .objective import SAILLoss
 from .routes import route_loss
-from .sampling import Responses, Sampler, check_positions, compile_stats, encode_responses, truncate_prompts_left
+from .sampling import (Responses, Sampler, check_positions, compile_stats, encode_responses, manual_seed,
+                       truncate_prompts_left)
 
 
 @dataclass
@@ -281,13 +282,10 @@ def evaluate(policy, reference: ReferenceModel, sampler: Sampler, task: Task, ru
     are comparable."""
     config = runtime.config
     samples, scores = judge_samples(policy, sampler, task, config, step_seed(config.seed, -1, 0, "eval"))
-    was_training = policy.training
-    policy.eval()
     inputs = {key: value.to(runtime.device) for key, value in samples.model_inputs().items()}
-    with runtime.autocast():
+    with runtime.autocast(), eval_mode(policy):
         logps, ref_logps = runtime.logprobs(policy, inputs), runtime.reference_logprobs(reference, inputs)
     k1, k3 = kl_estimates(logps, ref_logps)                     # per sample, float64
-    policy.train(was_training)
     ties = (scores == reference_judge_scores).float()
     wins = (scores > reference_judge_scores).float() + 0.5 * ties
     return {"eval/judge_reward": scores.mean().item(), "eval/judge_reward_std": scores.std().item(),
@@ -351,7 +349,7 @@ def train(config: SAILConfig, policy, tokenizer, task: Task, resume: bool = Fals
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {out}",
                disable=not (progress and runtime.is_main))
     for step in bar:
-        torch.manual_seed(step_seed(config.seed, step, runtime.rank, "dropout"))     # dropout masks, if any
+        manual_seed(step_seed(config.seed, step, runtime.rank, "dropout"), runtime.device)   # dropout masks, if any
         new_round = step % config.reuse_steps == 0 or step == start                  # iterative rounds: reuse_steps
         evaluating = (step + 1) % config.eval_every == 0 or step + 1 == config.steps
         judge.where = f"at step {step}"

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import sail_min.logprobs as logprobs_module
 from sail_min.logprobs import ReferenceModel, sequence_logprobs
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -80,11 +81,9 @@ def test_gradient_matches_naive(policy):
     policy.zero_grad()
 
 
-def test_no_full_vocab_logits_saved_for_backward(policy):
-    """Memory-lean: autograd keeps no tensor of logits (last dimension = vocab): the chunks'
-    logits are recomputed in backward."""
+def vocab_sized_saved(policy, **options) -> list[tuple]:
+    """Shapes of the tensors with the vocabulary as last dimension that autograd saves for backward."""
     ids, attention, response = padded_batch(ROWS, "mixed")
-    vocab = policy.config.vocab_size
     saved_shapes = []
 
     def pack(tensor):
@@ -92,9 +91,30 @@ def test_no_full_vocab_logits_saved_for_backward(policy):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        sequence_logprobs(policy, ids, attention, response, chunk_size=2)
+        sequence_logprobs(policy, ids, attention, response, chunk_size=2, **options)
     assert saved_shapes, "the hook saw nothing: the test would prove nothing"
-    assert not [shape for shape in saved_shapes if shape[-1:] == (vocab,)]
+    return [shape for shape in saved_shapes if shape[-1:] == (policy.config.vocab_size,)]
+
+
+def test_no_full_vocab_logits_saved_for_backward(policy, monkeypatch):
+    """Memory-lean: autograd keeps no tensor of logits (last dimension = vocab): the chunks'
+    logits are recomputed in backward, when asked or when they would take more than KEEP_LOGITS_BYTES."""
+    assert not vocab_sized_saved(policy, recompute=True)
+    tokens = sum(len(response) for _, response in ROWS)
+    assert vocab_sized_saved(policy)                 # by default: 14 x 512 x 4 bytes are kept, not recomputed
+    monkeypatch.setattr(logprobs_module, "KEEP_LOGITS_BYTES", tokens * policy.config.vocab_size * 4 - 1)
+    assert not vocab_sized_saved(policy)             # one byte more than the limit: recomputed
+
+
+def test_kept_and_recomputed_logits_give_the_same_gradients(policy):
+    ids, attention, response = padded_batch(ROWS, "mixed")
+    gradients = []
+    for recompute in (True, False):
+        policy.zero_grad()
+        sequence_logprobs(policy, ids, attention, response, chunk_size=3, recompute=recompute).sum().backward()
+        gradients.append([p.grad.clone() for p in policy.parameters()])
+    policy.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*gradients))
 
 
 def test_no_response_tokens_gives_zero(policy):

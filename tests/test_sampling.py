@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sail_min.logprobs import sequence_logprobs
-from sail_min.sampling import encode_responses, render_prompts, sample_responses, truncate_prompts_left
+from sail_min.sampling import encode_responses, manual_seed, render_prompts, sample_responses, truncate_prompts_left
 
 POLICY_DIR = Path(__file__).resolve().parents[1] / "data" / "tiny" / "policy"
 PROMPTS = ["Tell me about the market.",
@@ -117,6 +117,33 @@ def test_eval_mode_during_sampling_and_kv_cache_with_gradient_checkpointing(toke
     assert model.training and model.config.use_cache is False
 
 
+def test_sampling_switches_modes_without_transformers_train_and_restores_each_module(tokenizer, monkeypatch):
+    """PreTrainedModel.train re-kernelises a model at every change of mode (the `kernels` package): sampling sets
+    the training flags itself (``logprobs.eval_mode``), and each module gets its own mode back."""
+    model = AutoModelForCausalLM.from_pretrained(POLICY_DIR).train()
+    frozen = model.model.layers[0]
+    frozen.eval()                                  # a module the caller keeps in eval mode
+    calls = []
+    monkeypatch.setattr(type(model), "train", lambda self, mode=True: calls.append(mode) or torch.nn.Module.train(self, mode))
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: seen.append(any(m.training for m in model.modules())))
+    try:
+        sample_responses(model, tokenizer, ["Tell me about the market."], k=2, max_new_tokens=4, seed=0)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)                  # every module in eval mode while sampling
+    assert calls == []                             # ... without model.train() / model.eval()
+    assert model.training and not frozen.training and model.model.layers[1].training
+
+
+def test_manual_seed_on_a_cpu_draws_what_torch_manual_seed_draws():
+    manual_seed(7, torch.device("cpu"))
+    ours = torch.rand(5)
+    torch.manual_seed(7)
+    assert torch.equal(ours, torch.rand(5))
+
+
 def test_encode_responses_closes_with_eos(policy, tokenizer):
     encoded = encode_responses(tokenizer, ["Tell me about the market."], ["The market is lovely."])
     text_ids = tokenizer("The market is lovely.", add_special_tokens=False).input_ids
@@ -157,6 +184,30 @@ def test_samples_come_from_the_policy_whatever_its_generation_config(tokenizer):
     total_variation = 0.5 * (frequency - probability).abs().sum()
     noise = 0.5 * (probability * (1 - probability) / n).sqrt().sum()      # E[TV] is at most about this
     assert total_variation < 2 * noise
+
+
+def test_a_minimum_length_in_the_generation_config_is_neutralised_and_otherwise_costs_nothing(tokenizer, monkeypatch):
+    """min_new_tokens / min_length from generation_config.json must not keep EOS out of the samples; and when
+    the model's config sets neither, no length processor runs at every token (a no-op one costs ~4%)."""
+    from transformers.generation import logits_process
+    calls = []
+    def counted(call):
+        def __call__(self, input_ids, scores):          # transformers checks a processor's signature
+            calls.append(self)
+            return call(self, input_ids, scores)
+        return __call__
+    for name in ("MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor"):
+        processor = getattr(logits_process, name)
+        monkeypatch.setattr(processor, "__call__", counted(processor.__call__))
+    model = AutoModelForCausalLM.from_pretrained(POLICY_DIR).eval()
+    sample = lambda: sample_responses(model, tokenizer, ["Hi"], k=200, max_new_tokens=3, seed=0,  # noqa: E731
+                                      prompt_format="text")
+    free = sample()
+    assert calls == [] and free.contains_eos.any()                 # some samples stop within 3 tokens
+    model.generation_config.min_new_tokens, model.generation_config.min_length = 3, 40
+    constrained = sample()
+    assert torch.equal(constrained.response_ids, free.response_ids)  # the same samples: EOS never masked
+    assert calls                                                     # (here a processor runs, set to 0)
 
 
 def test_encode_responses_accepts_conversational_rows(tokenizer):
@@ -291,12 +342,12 @@ def _recording_generate(monkeypatch, delegate: bool):
     import sail_min.sampling as sampling
     real, calls = sampling._generate, []
 
-    def generate(model, input_ids, attention_mask, config, seed, synced_gpus):
+    def generate(model, input_ids, attention_mask, config, seed, synced_gpus, inference_mode=False):
         calls.append({"shape": tuple(input_ids.shape), "mask": tuple(attention_mask.shape),
                       "cache": config.cache_implementation, "max_cache_len": getattr(config, "max_cache_len", None),
                       "compile_config": getattr(config, "compile_config", None)})
         if delegate:
-            return real(model, input_ids, attention_mask, config, seed, synced_gpus)
+            return real(model, input_ids, attention_mask, config, seed, synced_gpus, inference_mode)
         eos = torch.full((input_ids.shape[0], 3), config.eos_token_id[0], dtype=input_ids.dtype)
         return torch.cat([input_ids, eos], dim=1)
 
