@@ -72,7 +72,18 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import CompileConfig, GenerationConfig
 
-from .logprobs import eval_mode
+try:
+    from .logprobs import eval_mode         # every module's mode set directly: no re-kernelisation
+except ImportError:                         # this file copied alone: the plain switch (slower)
+    @contextmanager
+    def eval_mode(model):
+        """``model.eval()`` inside the block, the model's mode restored on exit."""
+        training = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(training)
 
 Prompt = str | list[dict]
 
