@@ -485,14 +485,19 @@ def _run_train(args, toy_run, named_judges) -> int:
         raise RunEnded(f"{_one_line(error)}; {resume_hint(config, argv)}", own=False) from None
     except KeyboardInterrupt:                                    # Ctrl-C: how far it got, from the files
         raise RunEnded(f"interrupted (Ctrl-C) after {steps_done(config)} step(s); {resume_hint(config, argv)}") from None
-    accelerator.end_training()
+    distributed = torch.distributed.is_initialized()
+    if distributed:                          # end_training less its destroy_process_group: leave_process_group
+        for tracker in accelerator.trackers:     # ends the group, and the process without the finalisation that
+            tracker.finish()                     # can abort it
+    else:
+        accelerator.end_training()
     if accelerator.is_main_process:
         print(f"trained on {accelerator.num_processes} process(es), {config.pairs_per_step} pairs per step each")
     if history:
         last = [h for h in history if "eval/judge_reward" in h][-1]
         print(f"step {last['step'] + 1}: judge reward {last['eval/judge_reward']:.3f}, "
               f"win rate {last['eval/win_rate']:.3f}, KL {last['eval/kl']:.2f}")
-    if torch.distributed.is_initialized():
+    if distributed:
         leave_process_group(accelerator)
     return 0
 

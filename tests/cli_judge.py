@@ -47,6 +47,10 @@ def hangs_later(prompts, responses):
     return word_count(prompts, responses)
 
 
+if __import__("os").environ.get("REPORT_FINALISATION"):      # a process that ends through the interpreter's
+    __import__("atexit").register(print, "interpreter finalised", flush=True)   # finalisation says so
+
+
 def fails_on_process_1(prompts, responses):
     """Scores like word_count, except on process 1 (torchrun's RANK) from its 4th call on (the calls: the check
     before training, a resumed run's reference samples, step 1, then step 2; one call per step's pair set), and
