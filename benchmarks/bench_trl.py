@@ -75,7 +75,8 @@ class StepClock:
         from torch.optim.optimizer import register_optimizer_step_post_hook
         from transformers.generation.utils import GenerationMixin
         self.times: list[float] = []
-        self.responses: list[tuple[int, float, int]] = []   # (steps done when sampled, mean new tokens, decode steps)
+        self.responses: list[tuple[int, float, int, int]] = []   # (steps done when sampled, mean new tokens,
+        #                                                             decode steps, rows sampled)
         register_optimizer_step_post_hook(lambda optimizer, args, kwargs: self.times.append(time.process_time()))
         generate, clock = GenerationMixin.generate, self
 
@@ -88,18 +89,19 @@ class StepClock:
             is_eos = torch.isin(new, torch.tensor(eos if isinstance(eos, list) else [eos]))
             ended = is_eos.any(dim=1)
             lengths = torch.where(ended, is_eos.int().argmax(dim=1) + 1, new.shape[1])
-            clock.responses.append((len(clock.times), lengths.float().mean().item(), new.shape[1]))
+            clock.responses.append((len(clock.times), lengths.float().mean().item(), new.shape[1], new.shape[0]))
             return sequences
 
         GenerationMixin.generate = counted_generate
 
-    def per_step(self, warmup: int) -> tuple[float, int, float, float]:
+    def per_step(self, warmup: int) -> tuple[float, int, float, float, float]:
         """Mean CPU seconds per step over the steps after the first ``warmup``, how many, and of the sampling in
-        them (0 offline): the mean response length and the mean decoding steps per call (its longest response)."""
+        them (0 offline): the mean response length, the mean decoding steps per call (its longest response) and
+        the mean rows per call (prompts x samples: the work of a step)."""
         measured = self.times[warmup:]
         steps = len(measured) - 1
-        sampled = [(mean, width) for done, mean, width in self.responses if warmup < done <= warmup + steps]
-        means = [statistics.fmean(column) if column else 0.0 for column in zip(*sampled)] or [0.0, 0.0]
+        sampled = [(mean, width, rows) for done, mean, width, rows in self.responses if warmup < done <= warmup + steps]
+        means = [statistics.fmean(column) if column else 0.0 for column in zip(*sampled)] or [0.0, 0.0, 0.0]
         return (measured[-1] - measured[0]) / steps, steps, *means
 
 
@@ -126,7 +128,9 @@ def run_trl(workload: Workload, steps: int, out: str, seed: int) -> None:
     common = dict(output_dir=out, per_device_train_batch_size=workload.pairs, max_steps=steps, learning_rate=LR,
                   beta=BETA, max_grad_norm=MAX_GRAD_NORM, lr_scheduler_type="constant", optim="adamw_torch",
                   gradient_checkpointing=False, bf16=False, use_cpu=True, save_strategy="no", report_to="none",
-                  seed=seed, dataloader_num_workers=0, disable_tqdm=True)
+                  seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+                  dataloader_drop_last=True)   # every step a full batch, as sail_min's: 20 rows at 8 per step are
+                                               # otherwise 8, 8, 4 per epoch, a third of TRL's steps at half the work
     if workload.online:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
         args = OnlineDPOConfig(**common, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, max_length=4096)
@@ -164,9 +168,9 @@ def measure(name: str, side: str, steps: int, warmup: int, seed: int) -> dict:
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
         (run_trl if side == "trl" else run_sail_min)(WORKLOADS[name], warmup + steps, out, seed)
-    seconds, counted, tokens, decode_steps = clock.per_step(warmup)
+    seconds, counted, tokens, decode_steps, rows = clock.per_step(warmup)
     return {"workload": name, "side": side, "seed": seed, "cpu_s_per_step": seconds, "steps": counted,
-            "tokens": tokens, "decode_steps": decode_steps}
+            "tokens": tokens, "decode_steps": decode_steps, "rows": rows}
 
 
 def run_fresh(name: str, side: str, steps: int, warmup: int, seed: int) -> dict:
@@ -183,10 +187,11 @@ def table(results: list[dict], names: list[str]) -> str:
     """Per workload: median CPU s/step of each side; TRL / sail_min as the median of the per-round ratios (the
     two sides of a round run back to back, so a machine that slows for a while slows both) and their range; the
     paired difference TRL - sail_min in ms/step with its SE and the project's verdict (``lab.findings``, |d| >= 3
-    SE: "above" = sail_min faster); each side's mean response length and decoding steps per sampling call."""
+    SE: "above" = sail_min faster); each side's rows per sampling call (one call per step), their mean response
+    length and the call's decoding steps."""
     from sail_min.lab.findings import THRESHOLD_SE, paired
     lines = ["| workload | TRL s/step | sail_min s/step | TRL / sail_min | per-round range | TRL - sail_min, ms/step "
-             f"(verdict at {THRESHOLD_SE:g} SE) | tokens (decode steps) TRL / sail_min | rounds |",
+             f"(verdict at {THRESHOLD_SE:g} SE) | rows x tokens (decode steps) TRL / sail_min | rounds |",
              "|---|---|---|---|---|---|---|---|"]
     for name in names:
         trl, ours = (sorted((r for r in results if r["workload"] == name and r["side"] == side), key=lambda r: r["seed"])
@@ -196,7 +201,8 @@ def table(results: list[dict], names: list[str]) -> str:
         trl_s, our_s = ([r["cpu_s_per_step"] for r in rs] for rs in (trl, ours))
         rounds = [a / b for a, b in zip(trl_s, our_s)]
         difference = paired([1000 * a for a in trl_s], [1000 * b for b in our_s])
-        tokens = " / ".join(f"{statistics.fmean(r['tokens'] for r in rs):.1f} ({statistics.fmean(r['decode_steps'] for r in rs):.1f})"
+        tokens = " / ".join(f"{statistics.fmean(r['rows'] for r in rs):.1f} x {statistics.fmean(r['tokens'] for r in rs):.1f} "
+                            f"({statistics.fmean(r['decode_steps'] for r in rs):.1f})"
                             for rs in (trl, ours)) if WORKLOADS[name].online else "-"
         lines.append(f"| {name} | {statistics.median(trl_s):.4f} | {statistics.median(our_s):.4f} | "
                      f"**{statistics.median(rounds):.2f}** | {min(rounds):.2f}-{max(rounds):.2f} | "

@@ -278,20 +278,25 @@ class RewardModelScorer:
         """The text the reward model reads: its chat template over (user: x, assistant: y).
 
         Prompts and responses are text or message lists (conversational data)."""
+        return self.render_all([prompt], [response])[0]
+
+    def render_all(self, prompts: Sequence[Prompt], responses: Sequence[str | list[dict]]) -> list[str]:
+        """``render`` of every (prompt, response), the chat template applied in one call."""
         if self.tokenizer.chat_template is not None:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            answer = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-            return self.tokenizer.apply_chat_template(messages + answer, tokenize=False)
-        if not (isinstance(prompt, str) and isinstance(response, str)):
+            conversations = [([{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt))
+                             + ([{"role": "assistant", "content": response}] if isinstance(response, str)
+                                else list(response)) for prompt, response in zip(prompts, responses)]
+            return self.tokenizer.apply_chat_template(conversations, tokenize=False) if conversations else []
+        if not all(isinstance(prompt, str) and isinstance(response, str) for prompt, response in zip(prompts, responses)):
             raise ValueError("reward tokenizer has no chat template, so prompts and responses must be "
                              "plain strings, got a message list")
-        return prompt + response
+        return [prompt + response for prompt, response in zip(prompts, responses)]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise ValueError(f"prompts and responses differ in length: {len(prompts)} vs {len(responses)}")
-        texts = [self.render(p, r) for p, r in zip(prompts, responses)]
+        texts = self.render_all(prompts, responses)
         if not texts:
             return torch.empty(0)
         # A chat template writes its own special tokens (BOS, ...); plain text gets the defaults.

@@ -154,6 +154,19 @@ def test_reward_model_uses_its_own_chat_template(reward_model, reward_tokenizer)
     assert RewardModelScorer(reward_model, plain).render("Hi ", "Hello") == "Hi Hello"
 
 
+def test_a_batch_is_rendered_as_each_pair_alone(reward_model, reward_tokenizer):
+    """One apply_chat_template call for the batch (the scorer's path) gives each pair's own text, text and
+    conversational prompts mixed."""
+    scorer = RewardModelScorer(reward_model, reward_tokenizer)
+    prompts = ["Hi", [{"role": "user", "content": "Tell me about the market."}], "Bye"]
+    responses = ["Hello", "Calm.", [{"role": "assistant", "content": "See you."}]]
+    assert scorer.render_all(prompts, responses) == [scorer.tokenizer.apply_chat_template(
+        ([{"role": "user", "content": p}] if isinstance(p, str) else p)
+        + ([{"role": "assistant", "content": r}] if isinstance(r, str) else r), tokenize=False)
+        for p, r in zip(prompts, responses)]
+    assert scorer.render_all([], []) == []
+
+
 def test_fixture_reward_model_prefers_chosen_on_heldout_pairs(reward_model, reward_tokenizer):
     pairs = load_preference_data(TINY / "preferences.jsonl")
     labels = reward_model_labels(RewardModelScorer(reward_model, reward_tokenizer),
