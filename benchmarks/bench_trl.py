@@ -189,25 +189,34 @@ def table(results: list[dict], names: list[str]) -> str:
     paired difference TRL - sail_min in ms/step with its SE and the project's verdict (``lab.findings``, |d| >= 3
     SE: "above" = sail_min faster); each side's rows per sampling call (one call per step), their mean response
     length and the call's decoding steps."""
+    sys.path.insert(0, str(ROOT))                 # found as the measured processes find it (PYTHONPATH=ROOT)
     from sail_min.lab.findings import THRESHOLD_SE, paired
     lines = ["| workload | TRL s/step | sail_min s/step | TRL / sail_min | per-round range | TRL - sail_min, ms/step "
              f"(verdict at {THRESHOLD_SE:g} SE) | rows x tokens (decode steps) TRL / sail_min | rounds |",
              "|---|---|---|---|---|---|---|---|"]
     for name in names:
-        trl, ours = (sorted((r for r in results if r["workload"] == name and r["side"] == side), key=lambda r: r["seed"])
-                     for side in SIDES)                                          # paired by round (seed)
-        if [r["seed"] for r in trl] != [r["seed"] for r in ours]:
-            raise SystemExit(f"{name}: the rounds of the two sides differ")
+        by_side = [{r["seed"]: r for r in results if r["workload"] == name and r["side"] == side} for side in SIDES]
+        both = sorted(by_side[0].keys() & by_side[1].keys())                       # paired by round (seed)
+        unpaired = sorted(by_side[0].keys() ^ by_side[1].keys())
+        if unpaired:                # an interrupted run: a round measured on one side only is left out, and named
+            print(f"{name}: round(s) {unpaired} measured on one side only, left out", file=sys.stderr)
+        if not both:
+            continue
+        trl, ours = ([side[seed] for seed in both] for side in by_side)
         trl_s, our_s = ([r["cpu_s_per_step"] for r in rs] for rs in (trl, ours))
         rounds = [a / b for a, b in zip(trl_s, our_s)]
-        difference = paired([1000 * a for a in trl_s], [1000 * b for b in our_s])
+        if len(rounds) > 1:
+            difference = paired([1000 * a for a in trl_s], [1000 * b for b in our_s])
+            verdict = (f"{difference.difference:+.1f} ± {difference.standard_error:.1f} (n={difference.n}): "
+                       f"{difference.verdict}")
+        else:                                                    # one round: no SE, so no verdict
+            verdict = f"{1000 * (trl_s[0] - our_s[0]):+.1f} (n=1): no verdict from one round"
         tokens = " / ".join(f"{statistics.fmean(r['rows'] for r in rs):.1f} x {statistics.fmean(r['tokens'] for r in rs):.1f} "
                             f"({statistics.fmean(r['decode_steps'] for r in rs):.1f})"
                             for rs in (trl, ours)) if WORKLOADS[name].online else "-"
         lines.append(f"| {name} | {statistics.median(trl_s):.4f} | {statistics.median(our_s):.4f} | "
                      f"**{statistics.median(rounds):.2f}** | {min(rounds):.2f}-{max(rounds):.2f} | "
-                     f"{difference.difference:+.1f} ± {difference.standard_error:.1f} (n={difference.n}): "
-                     f"{difference.verdict} | {tokens} | {len(rounds)} |")
+                     f"{verdict} | {tokens} | {len(rounds)} |")
     return "\n".join(lines)
 
 

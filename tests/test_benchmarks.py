@@ -42,3 +42,34 @@ def test_bench_loop_tiny_runs_the_whole_loop_and_reports_skips_and_compilations(
     assert [(c["length"], c["kernels"]) for c in checks] == [
         (length, f"cudnn_attention={allowed}") for length in (320, 384) for allowed in (True, False)]
     assert all(c["nonfinite_grad_values"] == 0 and c["logps_finite"] for c in checks)
+
+
+def _bench_trl_table(*files):
+    proc = subprocess.run([sys.executable, "benchmarks/bench_trl.py", "--table", *map(str, files)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[2:], proc.stderr
+
+
+def test_bench_trl_tables_in_the_readme_are_the_saved_measurements():
+    """benchmarks/README.md's TRL tables (and their verdicts) are what --table computes from the committed files."""
+    readme = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
+    for name, rounds in (("bench_trl_cpu_confirm.json", 40), ("bench_trl_cpu.json", 16)):
+        rows, _ = _bench_trl_table(os.path.join(ROOT, "results", "benchmarks", name))
+        assert len(rows) == 4 and all(row.endswith(f"| {rounds} |") for row in rows)
+        for row in rows:
+            assert row in readme, row
+
+
+def test_bench_trl_table_leaves_out_a_half_measured_round_and_gives_one_round_no_verdict(tmp_path):
+    results = json.loads(open(os.path.join(ROOT, "results", "benchmarks", "bench_trl_cpu_confirm.json")).read())
+    partial = tmp_path / "partial.json"                       # as if stopped halfway through round 139's last workload
+    partial.write_text(json.dumps([r for r in results if not (r["seed"] == 139 and r["workload"] == "online-sentiment"
+                                                              and r["side"] == "sail_min")]))
+    rows, stderr = _bench_trl_table(partial)
+    assert "online-sentiment: round(s) [139] measured on one side only, left out" in stderr
+    assert rows[3].endswith("| 39 |") and "(n=39)" in rows[3] and rows[0].endswith("| 40 |")
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([r for r in results if r["seed"] == 100]))
+    rows, _ = _bench_trl_table(one)
+    assert len(rows) == 4 and all("(n=1): no verdict from one round" in row for row in rows)
