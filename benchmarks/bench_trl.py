@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))          # this checkout's sail_min, here and in every measured process (same file)
 REWARD_MODEL = ROOT / "data/tiny/reward"
 
 
@@ -175,7 +176,7 @@ def measure(name: str, side: str, steps: int, warmup: int, seed: int) -> dict:
 
 def run_fresh(name: str, side: str, steps: int, warmup: int, seed: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+               TOKENIZERS_PARALLELISM="false")
     done = subprocess.run([sys.executable, __file__, "--one", name, "--side", side, "--steps", str(steps),
                            "--warmup", str(warmup), "--seed", str(seed)], env=env, capture_output=True, text=True)
     if done.returncode:
@@ -189,7 +190,6 @@ def table(results: list[dict], names: list[str]) -> str:
     paired difference TRL - sail_min in ms/step with its SE and the project's verdict (``lab.findings``, |d| >= 3
     SE: "above" = sail_min faster); each side's rows per sampling call (one call per step), their mean response
     length and the call's decoding steps."""
-    sys.path.insert(0, str(ROOT))                 # found as the measured processes find it (PYTHONPATH=ROOT)
     from sail_min.lab.findings import THRESHOLD_SE, paired
     lines = ["| workload | TRL s/step | sail_min s/step | TRL / sail_min | per-round range | TRL - sail_min, ms/step "
              f"(verdict at {THRESHOLD_SE:g} SE) | rows x tokens (decode steps) TRL / sail_min | rounds |",
@@ -207,7 +207,7 @@ def table(results: list[dict], names: list[str]) -> str:
         rounds = [a / b for a, b in zip(trl_s, our_s)]
         if len(rounds) > 1:
             difference = paired([1000 * a for a in trl_s], [1000 * b for b in our_s])
-            verdict = (f"{difference.difference:+.1f} ± {difference.standard_error:.1f} (n={difference.n}): "
+            verdict = (f"{difference.difference:+.1f} ± {difference.standard_error:.1f} (SE, n={difference.n}): "
                        f"{difference.verdict}")
         else:                                                    # one round: no SE, so no verdict
             verdict = f"{1000 * (trl_s[0] - our_s[0]):+.1f} (n=1): no verdict from one round"

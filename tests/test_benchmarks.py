@@ -68,7 +68,7 @@ def test_bench_trl_table_leaves_out_a_half_measured_round_and_gives_one_round_no
                                                               and r["side"] == "sail_min")]))
     rows, stderr = _bench_trl_table(partial)
     assert "online-sentiment: round(s) [139] measured on one side only, left out" in stderr
-    assert rows[3].endswith("| 39 |") and "(n=39)" in rows[3] and rows[0].endswith("| 40 |")
+    assert rows[3].endswith("| 39 |") and "(SE, n=39)" in rows[3] and rows[0].endswith("| 40 |")
     one = tmp_path / "one.json"
     one.write_text(json.dumps([r for r in results if r["seed"] == 100]))
     rows, _ = _bench_trl_table(one)
